@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 export CACHE_DIR
 export PATH := $(VENV)/bin:$(CACHE_DIR)/bin:$(PATH)
 
-.PHONY: help venv test test-unit demo
+.PHONY: help venv test test-unit demo py
 help:
 	@echo "make demo   - bring up the local cluster and run the example FineTuneJob end to end"
 	@echo "make test   - install everything and run the whole test suite (unit + real cluster)"
@@ -32,3 +32,7 @@ $(VENV)/.deps-ok: pyproject.toml
 
 test-unit: venv
 	$(PY) -m pytest -m "not cluster and not s3" -q
+
+# Prints the environment's interpreter, for scripts: `$(make -s py) -m pytest ...`
+py:
+	@echo $(PY)
