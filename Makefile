@@ -11,6 +11,7 @@ PYTHON ?= python3
 VENV_KEY := $(shell sha256sum pyproject.toml | cut -c1-12)
 VENV ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 PY := $(VENV)/bin/python
+WHEELHOUSE ?= $(CACHE_DIR)/wheels
 export CACHE_DIR
 export PATH := $(VENV)/bin:$(CACHE_DIR)/bin:$(PATH)
 
@@ -22,11 +23,14 @@ help:
 venv: $(VENV)/.deps-ok
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
+# The package index here sends no cacheable responses, so wheels are kept in a wheelhouse of our
+# own: `pip download` skips files already there, and a changed pyproject only fetches what is new.
 $(VENV)/.deps-ok: pyproject.toml
 	@echo ">> creating Python environment in $(VENV) (first run downloads torch: a few minutes)"
-	$(PYTHON) -m venv $(VENV)
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(VENV)/bin/pip install -q '.[dev]'
+	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) --find-links $(WHEELHOUSE) '.[dev]'
+	$(VENV)/bin/pip install -q --no-index --find-links $(WHEELHOUSE) '.[dev]'
 	$(VENV)/bin/pip uninstall -q -y finetune-operator
 	touch $@
 
