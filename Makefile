@@ -34,6 +34,13 @@ $(VENV)/.deps-ok: pyproject.toml
 	$(VENV)/bin/pip uninstall -q -y finetune-operator
 	touch $@
 
+# Everything: unit tests, tests against the real S3 server, and tests against the real local
+# cluster (started by the test session itself, stopped at its end).
+test: venv cluster-build
+	$(PY) -m finetune_api.crd --check
+	$(PY) -m pytest -ra
+
+# Fast feedback without any server.
 test-unit: venv
 	$(PY) -m pytest -m "not cluster and not s3" -q
 
