@@ -1,0 +1,124 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name, truncated at 63 characters (the DNS label limit).
+If the release name contains the chart name it is used as the full name.
+*/}}
+{{- define "finetune-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version as used by the chart label.
+*/}}
+{{- define "finetune-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: finetune-operator
+{{- end }}
+
+{{/*
+Selector labels of the operator pods (immutable once a Deployment exists: keep them stable).
+*/}}
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Name of the operator's ServiceAccount.
+*/}}
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest}: repository:tag, or repository:tag@digest when a
+digest pins it. The tag defaults to the chart's appVersion.
+Usage: include "finetune-operator.image" (dict "image" .Values.image "root" .)
+*/}}
+{{- define "finetune-operator.image" -}}
+{{- $tag := default .root.Chart.AppVersion .image.tag -}}
+{{- if .image.digest -}}
+{{- printf "%s:%s@%s" .image.repository $tag .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The namespaced rules the operator needs wherever it watches FineTuneJobs.
+Keep in sync with operator/finetune_operator/rbac.py (tests/packaging compares them).
+*/}}
+{{- define "finetune-operator.namespacedRules" -}}
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Cluster-scoped rules: kopf discovers the CRD and, when watching all namespaces, lists namespaces.
+*/}}
+{{- define "finetune-operator.clusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
+Rules in the operator's own namespace for leader election.
+*/}}
+{{- define "finetune-operator.leaderElectionRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
+{{- end }}
