@@ -75,50 +75,15 @@ Usage: include "finetune-operator.image" (dict "image" .Values.image "root" .)
 {{- end }}
 
 {{/*
-The namespaced rules the operator needs wherever it watches FineTuneJobs.
-Keep in sync with operator/finetune_operator/rbac.py (tests/packaging compares them).
+The operator's RBAC rules, generated from operator/finetune_operator/rbac.py into files/rbac.yaml
+by helm/sync_chart_files.py (a test fails when they drift). Usage:
+  include "finetune-operator.rules" (dict "root" . "key" "clusterRules")
 */}}
-{{- define "finetune-operator.namespacedRules" -}}
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
-- apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-{{- end }}
-
-{{/*
-Cluster-scoped rules: kopf discovers the CRD and, when watching all namespaces, lists namespaces.
-*/}}
-{{- define "finetune-operator.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
-{{- end }}
-
-{{/*
-Rules in the operator's own namespace for leader election.
-*/}}
-{{- define "finetune-operator.leaderElectionRules" -}}
-- apiGroups: ["coordination.k8s.io"]
-  resources: ["leases"]
-  verbs: ["get", "create", "update"]
+{{- define "finetune-operator.rules" -}}
+{{- $rbac := .root.Files.Get "files/rbac.yaml" | fromYaml -}}
+{{- $rules := index $rbac .key -}}
+{{- if not $rules -}}
+{{- fail (printf "files/rbac.yaml has no %s: run python helm/sync_chart_files.py" .key) -}}
+{{- end -}}
+{{- toYaml $rules -}}
 {{- end }}

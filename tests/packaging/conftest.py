@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import pytest
+
+from packaging_support import require_tool
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return require_tool("helm", "`make cluster-build` builds it (cluster/versions.env pins the version)")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return require_tool("promtool", "install Debian's `prometheus` package (it ships promtool)")
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return require_tool("kubectl", "`make cluster-build` builds it")
