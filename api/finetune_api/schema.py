@@ -212,8 +212,10 @@ def resources_schema() -> Schema:
         {
             "gpus": _integer("GPUs per trainer pod; 0 runs on CPU.", default=1, minimum=0,
                              maximum=64),
-            "gpuResourceName": _string("Extended resource that counts GPUs.",
-                                       default="nvidia.com/gpu", maxLength=253,
+            "gpuResourceName": _string("Extended resource that counts GPUs, e.g. "
+                                       "nvidia.com/gpu or amd.com/gpu. Empty: the operator's "
+                                       "configured default (nvidia.com/gpu unless changed).",
+                                       maxLength=253,
                                        pattern=r"^([a-z0-9.\-]+/)?[a-zA-Z0-9_.\-]+$"),
             "cpu": _quantity("CPU request and limit, e.g. 4 or 3500m."),
             "memory": _quantity("Memory request and limit, e.g. 16Gi."),
@@ -340,7 +342,7 @@ def _condition_schema() -> Schema:
     return _object(
         "A standard condition (metav1.Condition shape).",
         {
-            "type": _string("Valid, Running, Succeeded, Failed or Suspended."),
+            "type": _string("Valid, Running, Succeeded, Failed, Suspended or SpecApplied."),
             "status": _enum("Whether the condition holds.", ["True", "False", "Unknown"]),
             "reason": _string("CamelCase reason."),
             "message": _string("Human-readable detail."),
@@ -353,7 +355,7 @@ def _condition_schema() -> Schema:
 
 
 PHASES = ["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
-CONDITION_TYPES = ["Valid", "Running", "Succeeded", "Failed", "Suspended"]
+CONDITION_TYPES = ["Valid", "Running", "Succeeded", "Failed", "Suspended", "SpecApplied"]
 
 
 def status_schema() -> Schema:
@@ -400,6 +402,10 @@ def status_schema() -> Schema:
                 "message": _string("The cause in one line."),
                 "exitCode": _integer("Trainer exit code, when it exited."),
             }),
+            # kopf keeps its handler progress and last-handled spec here rather than in
+            # annotations, which a GitOps tool would fight over.
+            "kopf": {"type": "object", "description": "Operator bookkeeping (kopf handler "
+                     "progress); not for users.", "x-kubernetes-preserve-unknown-fields": True},
         },
     )
 
