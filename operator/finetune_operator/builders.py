@@ -1,0 +1,299 @@
+"""Pure builders: the trainer Job and the spec ConfigMap a FineTuneJob owns, as plain dicts.
+
+No API calls here; `handlers` creates what these return. Names are deterministic so that creation
+is idempotent (a second create answers 409 AlreadyExists and the existing object is adopted).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import yaml
+
+from finetune_api import API_VERSION, KIND
+from finetune_api import contract
+
+from finetune_operator.config import OperatorConfig
+
+Manifest = dict[str, Any]
+
+CONTAINER_NAME = "trainer"
+# Job pods get "<job name>-<5 chars>" names and a batch.kubernetes.io/job-name label, so the Job's
+# own name has to stay within a label value (63).
+MAX_JOB_NAME = 63
+MAX_LABEL_VALUE = 63
+CACHE_DIR = "/var/cache/finetune"
+SCRATCH_DIR = "/tmp"
+TRAINER_UID = 1000
+# Annotation on the Job and its pods with the full FineTuneJob name (labels are cut at 63).
+ANNOTATION_FINETUNEJOB = "finetune.dev/finetunejob"
+# Spec fields the operator applies to a running Job; every other change is reported, not applied
+# (the immutable ones are refused by the CRD's transition rules before they get here).
+MUTABLE_SPEC_FIELDS = ("suspend", "activeDeadlineSeconds", "backoffLimit",
+                       "ttlSecondsAfterFinished")
+AWS_CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
+                       ("AWS_SESSION_TOKEN", True))
+
+
+def _fit(name: str, limit: int, suffix: str = "") -> str:
+    """`name + suffix` when it fits, else a cut name with a hash of the whole, so distinct long
+    names never collide."""
+    if len(name) + len(suffix) <= limit:
+        return name + suffix
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{name[:keep].rstrip('-.')}-{digest}{suffix}"
+
+
+def trainer_job_name(finetunejob_name: str) -> str:
+    return _fit(finetunejob_name, MAX_JOB_NAME, "-trainer")
+
+
+def spec_configmap_name(finetunejob_name: str) -> str:
+    return _fit(finetunejob_name, 253, "-spec")
+
+
+def label_value(finetunejob_name: str) -> str:
+    return _fit(finetunejob_name, MAX_LABEL_VALUE)
+
+
+def selector_labels(finetunejob_name: str) -> dict[str, str]:
+    return {contract.LABEL_JOB: label_value(finetunejob_name),
+            contract.LABEL_COMPONENT: contract.COMPONENT_TRAINER,
+            contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+
+
+def owner_reference(finetunejob: Manifest) -> dict[str, Any]:
+    meta = finetunejob["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def is_owned_by(child: Manifest, finetunejob_uid: str) -> bool:
+    return any(ref.get("uid") == finetunejob_uid and ref.get("controller")
+               for ref in child.get("metadata", {}).get("ownerReferences") or [])
+
+
+def trainer_manifest(finetunejob: Manifest) -> Manifest:
+    """What the trainer reads from its spec file: the FineTuneJob as applied, without status."""
+    meta = finetunejob["metadata"]
+    return {"apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                         "uid": meta["uid"]},
+            "spec": copy.deepcopy(finetunejob["spec"])}
+
+
+def build_spec_configmap(finetunejob: Manifest) -> Manifest:
+    meta = finetunejob["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": spec_configmap_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": selector_labels(meta["name"]),
+            "annotations": {ANNOTATION_FINETUNEJOB: meta["name"]},
+            "ownerReferences": [owner_reference(finetunejob)],
+        },
+        "data": {contract.SPEC_FILE_NAME: yaml.safe_dump(trainer_manifest(finetunejob),
+                                                         sort_keys=False)},
+    }
+
+
+def applied_spec(configmap: Manifest) -> dict[str, Any]:
+    """The spec the trainer runs, read back from the operator's ConfigMap."""
+    text = (configmap.get("data") or {}).get(contract.SPEC_FILE_NAME) or ""
+    manifest = yaml.safe_load(text) or {}
+    return manifest.get("spec") or {}
+
+
+def desired_job_suspend(spec: dict[str, Any]) -> bool | None:
+    """True/False: what Job.spec.suspend must be. None: Kueue owns it (the Job is created
+    suspended and Kueue unsuspends it on admission), unless the user suspends the job."""
+    if spec.get("suspend"):
+        return True
+    if spec.get("queueName"):
+        return None
+    return False
+
+
+def _env(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
+    s3 = spec.get("dataset", {}).get("s3") or {}
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_SPEC,
+         "value": f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"},
+        {"name": contract.ENV_CACHE_DIR, "value": CACHE_DIR},
+        # The root filesystem is read-only: libraries that cache under $HOME write to scratch.
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "AWS_REGION", "value": s3.get("region") or "us-east-1"},
+    ]
+    endpoint = s3.get("endpoint") or config.default_s3_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    secret = s3.get("credentialsSecret")
+    if secret:
+        # secretKeyRef only resolves in the pod's own namespace: a tenant cannot name another
+        # namespace's Secret.
+        for key, optional in AWS_CREDENTIAL_KEYS:
+            ref: dict[str, Any] = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+    wanted = spec.get("resources") or {}
+    amounts: dict[str, Any] = {}
+    for field in ("cpu", "memory"):
+        if wanted.get(field) not in (None, ""):
+            amounts[field] = str(wanted[field])
+    gpus = wanted.get("gpus", 1)
+    if gpus:
+        amounts[wanted.get("gpuResourceName") or config.default_gpu_resource] = str(gpus)
+    if not amounts:
+        return {}
+    # Requests equal limits: a trainer's footprint is known, and extended resources (GPUs) must
+    # be equal anyway.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                         "values": list(contract.NON_RETRYABLE_EXIT_CODES)}},
+        # Preemption, eviction, node drain: retried without counting against backoffLimit; the
+        # trainer resumes from its last checkpoint.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest:
+    meta = finetunejob["metadata"]
+    spec = finetunejob["spec"]
+    name = meta["name"]
+    labels = selector_labels(name)
+    if spec.get("queueName"):
+        labels = {**labels, contract.LABEL_QUEUE: spec["queueName"]}
+    annotations = {ANNOTATION_FINETUNEJOB: name}
+    resources = spec.get("resources") or {}
+    metrics_port = (spec.get("metrics") or {}).get("port", 9400)
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.get("image") or config.trainer_image,
+        "command": ["python", "-m", "finetune_trainer", "--spec",
+                    f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"],
+        "env": _env(spec, config),
+        "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "spec", "mountPath": contract.SPEC_MOUNT_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "cache", "mountPath": CACHE_DIR},
+        ],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    container_resources = _resources(spec, config)
+    if container_resources:
+        container["resources"] = container_resources
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # The trainer talks to S3, not to the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {
+                "name": spec_configmap_name(name),
+                "items": [{"key": contract.SPEC_FILE_NAME, "path": contract.SPEC_FILE_NAME}]}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+    }
+    if spec.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = spec["serviceAccountName"]
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        if resources.get(field):
+            pod_spec[field] = copy.deepcopy(resources[field])
+
+    job_spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": spec.get("backoffLimit", 3),
+        "suspend": desired_job_suspend(spec) is not False,
+        "podFailurePolicy": pod_failure_policy(),
+        # Never two trainers at once writing the same checkpoints: a replacement pod starts
+        # only after the previous one has fully terminated.
+        "podReplacementPolicy": "Failed",
+        "template": {
+            "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
+            "spec": pod_spec,
+        },
+    }
+    if spec.get("activeDeadlineSeconds"):
+        job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": trainer_job_name(name),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(finetunejob)],
+        },
+        "spec": job_spec,
+    }
+
+
+def job_spec_patch(spec: dict[str, Any], job: Manifest) -> dict[str, Any]:
+    """The merge patch that brings a live Job in line with the mutable spec fields (empty when it
+    already is). Kueue-owned suspension is left alone."""
+    current = job.get("spec") or {}
+    patch: dict[str, Any] = {}
+    suspend = desired_job_suspend(spec)
+    if suspend is not None and bool(current.get("suspend")) != suspend:
+        patch["suspend"] = suspend
+    deadline = spec.get("activeDeadlineSeconds")
+    if deadline != current.get("activeDeadlineSeconds"):
+        patch["activeDeadlineSeconds"] = deadline
+    backoff = spec.get("backoffLimit", 3)
+    if backoff != current.get("backoffLimit"):
+        patch["backoffLimit"] = backoff
+    return {"spec": patch} if patch else {}
+
+
+def unapplied_spec_changes(spec: dict[str, Any], applied: dict[str, Any]) -> list[str]:
+    """Paths (spec.x.y) whose value differs from the spec the trainer runs, other than the fields
+    the operator applies to a live Job."""
+    def leaves(value: Any, path: str) -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            out: dict[str, Any] = {}
+            for key, sub in value.items():
+                out.update(leaves(sub, f"{path}.{key}"))
+            return out
+        return {path: value}
+
+    ignore = {f"spec.{field}" for field in MUTABLE_SPEC_FIELDS}
+    now = {k: v for k, v in leaves(spec, "spec").items() if k not in ignore}
+    before = {k: v for k, v in leaves(applied, "spec").items() if k not in ignore}
+    return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))

@@ -1,0 +1,224 @@
+import json
+
+import yaml
+import kubernetes
+import pytest
+
+from finetune_api import contract
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
+
+from operator_factories import finetunejob
+
+CONFIG = OperatorConfig(trainer_image="registry.local/trainer:1", default_s3_endpoint="",
+                        default_gpu_resource="nvidia.com/gpu")
+
+
+def container(job):
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(job):
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+def test_job_requests_and_limits_the_declared_gpus():
+    job = builders.build_trainer_job(finetunejob(resources={"gpus": 2, "cpu": "4",
+                                                             "memory": "16Gi"}), CONFIG)
+    resources = container(job)["resources"]
+    assert resources["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert resources["requests"] == resources["limits"]
+
+
+def test_gpu_resource_name_comes_from_spec_then_operator_default():
+    amd = OperatorConfig(default_gpu_resource="amd.com/gpu")
+    job = builders.build_trainer_job(finetunejob(resources={"gpus": 1}), amd)
+    assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+    mig = finetunejob(resources={"gpus": 1, "gpuResourceName": "nvidia.com/mig-1g.10gb"})
+    job = builders.build_trainer_job(mig, amd)
+    assert container(job)["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+
+
+def test_zero_gpus_requests_no_gpu_resource():
+    job = builders.build_trainer_job(finetunejob(resources={"gpus": 0, "cpu": "2"}), CONFIG)
+    assert container(job)["resources"]["limits"] == {"cpu": "2"}
+    job = builders.build_trainer_job(finetunejob(resources={"gpus": 0}), CONFIG)
+    assert "resources" not in container(job)
+
+
+def test_scheduling_fields_pass_through_to_the_pod():
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}}
+    spec = finetunejob(resources={"gpus": 1, "nodeSelector": {"pool": "gpu"},
+                                  "tolerations": tolerations, "affinity": affinity,
+                                  "priorityClassName": "batch-low"})
+    pod = builders.build_trainer_job(spec, CONFIG)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == tolerations
+    assert pod["affinity"] == affinity
+    assert pod["priorityClassName"] == "batch-low"
+    plain = builders.build_trainer_job(finetunejob(), CONFIG)["spec"]["template"]["spec"]
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & plain.keys()
+
+
+def test_queue_name_labels_the_job_for_kueue_and_creates_it_suspended():
+    job = builders.build_trainer_job(finetunejob(queueName="team-a-gpus"), CONFIG)
+    assert job["metadata"]["labels"][contract.LABEL_QUEUE] == "team-a-gpus"
+    assert job["spec"]["suspend"] is True
+    unqueued = builders.build_trainer_job(finetunejob(), CONFIG)
+    assert contract.LABEL_QUEUE not in unqueued["metadata"]["labels"]
+    assert unqueued["spec"]["suspend"] is False
+
+
+def test_suspend_in_spec_creates_the_job_suspended():
+    assert builders.build_trainer_job(finetunejob(suspend=True), CONFIG)["spec"]["suspend"]
+
+
+def test_credentials_come_from_the_named_secret_by_reference():
+    variables = env(builders.build_trainer_job(finetunejob(), CONFIG))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        ref = variables[key]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "s3-creds" and ref["key"] == key
+        assert "value" not in variables[key]
+    assert variables["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "optional" not in variables["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
+    assert variables["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:7070"
+
+
+def test_without_a_secret_the_pod_uses_its_own_credential_chain():
+    spec = finetunejob(dataset={"uri": "s3://datasets/flowers/"})
+    variables = env(builders.build_trainer_job(spec, CONFIG))
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} & variables.keys()
+
+
+def test_endpoint_falls_back_to_the_operator_default():
+    spec = finetunejob(dataset={"uri": "s3://datasets/flowers/"})
+    config = OperatorConfig(default_s3_endpoint="http://s3.internal:9000")
+    assert env(builders.build_trainer_job(spec, config))["AWS_ENDPOINT_URL"]["value"] == \
+        "http://s3.internal:9000"
+
+
+def test_pod_runs_locked_down():
+    job = builders.build_trainer_job(finetunejob(), CONFIG)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    security = container(job)["securityContext"]
+    assert security == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # Writable scratch for /tmp and the cache dir, since the root filesystem is read-only.
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    cache_dir = env(job)[contract.ENV_CACHE_DIR]["value"]
+    assert "emptyDir" in volumes[mounts[cache_dir]]
+
+
+def test_pod_failure_policy_fails_at_once_on_do_not_retry_codes_and_ignores_disruption():
+    policy = builders.build_trainer_job(finetunejob(), CONFIG)["spec"]["podFailurePolicy"]
+    fail, ignore = policy["rules"]
+    assert fail["action"] == "FailJob"
+    assert fail["onExitCodes"]["values"] == contract.NON_RETRYABLE_EXIT_CODES
+    assert fail["onExitCodes"]["containerName"] == "trainer"
+    for code in contract.ExitCode:
+        assert (code in fail["onExitCodes"]["values"]) == (code != 0 and not code.retryable)
+    assert ignore == {"action": "Ignore",
+                      "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_job_fields_from_spec():
+    spec = finetunejob(activeDeadlineSeconds=3600, backoffLimit=5, metrics={"port": 9555},
+                       image="registry.local/custom:2", serviceAccountName="trainer-irsa")
+    job = builders.build_trainer_job(spec, CONFIG)
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["backoffLimit"] == 5
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+    assert container(job)["image"] == "registry.local/custom:2"
+    assert container(job)["ports"] == [{"name": "metrics", "containerPort": 9555,
+                                        "protocol": "TCP"}]
+    assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "trainer-irsa"
+    default = builders.build_trainer_job(finetunejob(), CONFIG)
+    assert container(default)["image"] == "registry.local/trainer:1"
+    assert "activeDeadlineSeconds" not in default["spec"]
+
+
+def test_job_and_pods_are_labelled_and_owned():
+    ftj = finetunejob()
+    job = builders.build_trainer_job(ftj, CONFIG)
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels[contract.LABEL_JOB] == "flowers"
+        assert labels[contract.LABEL_COMPONENT] == contract.COMPONENT_TRAINER
+        assert labels[contract.LABEL_MANAGED_BY] == contract.MANAGED_BY
+    owner, = job["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                     "name": "flowers", "uid": ftj["metadata"]["uid"], "controller": True,
+                     "blockOwnerDeletion": True}
+    assert job["metadata"]["name"] == builders.trainer_job_name("flowers") == "flowers-trainer"
+
+
+def test_names_are_deterministic_and_fit_label_limits():
+    long_a = "a" * 200 + "-x"
+    long_b = "a" * 200 + "-y"
+    assert builders.trainer_job_name(long_a) == builders.trainer_job_name(long_a)
+    assert builders.trainer_job_name(long_a) != builders.trainer_job_name(long_b)
+    assert len(builders.trainer_job_name(long_a)) <= 63
+    assert len(builders.label_value(long_a)) <= 63
+    assert builders.label_value(long_a) != builders.label_value(long_b)
+
+
+def test_configmap_carries_the_whole_manifest_the_trainer_reads():
+    ftj = finetunejob()
+    configmap = builders.build_spec_configmap(ftj)
+    manifest = yaml.safe_load(configmap["data"][contract.SPEC_FILE_NAME])
+    assert manifest == {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                        "metadata": {"name": "flowers", "namespace": "team-a",
+                                     "uid": ftj["metadata"]["uid"]},
+                        "spec": ftj["spec"]}
+    assert configmap["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+    job = builders.build_trainer_job(ftj, CONFIG)
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "spec")
+    assert mount["mountPath"] == contract.SPEC_MOUNT_DIR
+    assert container(job)["command"][-1] == f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"
+    assert builders.applied_spec(configmap) == ftj["spec"]
+
+
+@pytest.mark.parametrize("spec", [finetunejob(), finetunejob(
+    queueName="q", suspend=True, activeDeadlineSeconds=10,
+    resources={"gpus": 2, "nodeSelector": {"a": "b"}, "cpu": "500m",
+               "tolerations": [{"key": "k", "operator": "Exists"}]})])
+def test_job_uses_only_real_batch_v1_fields(spec):
+    """Round-trip through the Kubernetes client's models: a misspelt field would be dropped."""
+    job = builders.build_trainer_job(spec, CONFIG)
+    client = kubernetes.client.ApiClient()
+
+    model = client.deserialize(json.dumps(job), "V1Job", "application/json")
+    assert client.sanitize_for_serialization(model) == job
+
+
+def test_job_patch_applies_the_mutable_fields_only():
+    live = builders.build_trainer_job(finetunejob(), CONFIG)
+    assert builders.job_spec_patch(finetunejob()["spec"], live) == {}
+    assert builders.job_spec_patch(finetunejob(suspend=True)["spec"], live) == \
+        {"spec": {"suspend": True}}
+    assert builders.job_spec_patch(finetunejob(activeDeadlineSeconds=60, backoffLimit=1)["spec"],
+                                   live) == {"spec": {"activeDeadlineSeconds": 60,
+                                                      "backoffLimit": 1}}
+    # Kueue decides when a queued job runs: a resume leaves its suspension alone.
+    queued = builders.build_trainer_job(finetunejob(queueName="q"), CONFIG)
+    assert builders.job_spec_patch(finetunejob(queueName="q")["spec"], queued) == {}
+
+
+def test_spec_changes_that_cannot_reach_the_trainer_are_listed():
+    applied = finetunejob()["spec"]
+    changed = finetunejob(batchSize=64, suspend=True, backoffLimit=9,
+                          optimizer={"learningRate": 0.01})["spec"]
+    assert builders.unapplied_spec_changes(changed, applied) == [
+        "spec.batchSize", "spec.optimizer.learningRate"]
+    assert builders.unapplied_spec_changes(applied, applied) == []
