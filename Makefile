@@ -11,7 +11,9 @@ PYTHON ?= python3
 VENV_KEY := $(shell sha256sum pyproject.toml | cut -c1-12)
 VENV ?= $(CACHE_DIR)/venv-$(VENV_KEY)
 PY := $(VENV)/bin/python
-WHEELHOUSE ?= $(CACHE_DIR)/wheels
+UV_VERSION := 0.13.8
+UV := $(CACHE_DIR)/uv-tool/bin/uv
+export UV_CACHE_DIR ?= $(CACHE_DIR)/uv-cache
 export CACHE_DIR
 export PATH := $(VENV)/bin:$(CACHE_DIR)/bin:$(PATH)
 
@@ -21,17 +23,21 @@ help:
 	@echo "make test   - install everything and run the whole test suite (unit + real cluster)"
 
 venv: $(VENV)/.deps-ok
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@$(UV) pip install -q --python $(PY) --no-deps -e .
 
-# The package index here sends no cacheable responses, so wheels are kept in a wheelhouse of our
-# own: `pip download` skips files already there, and a changed pyproject only fetches what is new.
-$(VENV)/.deps-ok: pyproject.toml
+# uv resolves in seconds and keeps every wheel in its own cache (the package index here sends no
+# cacheable responses, so pip would download torch again for every new environment).
+$(UV):
+	@echo ">> installing uv $(UV_VERSION) into $(CACHE_DIR)/uv-tool"
+	$(PYTHON) -m venv $(CACHE_DIR)/uv-tool
+	$(CACHE_DIR)/uv-tool/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.deps-ok: pyproject.toml | $(UV)
 	@echo ">> creating Python environment in $(VENV) (first run downloads torch: a few minutes)"
-	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) --find-links $(WHEELHOUSE) '.[dev]'
-	$(VENV)/bin/pip install -q --no-index --find-links $(WHEELHOUSE) '.[dev]'
-	$(VENV)/bin/pip uninstall -q -y finetune-operator
+	rm -rf $(VENV)
+	$(UV) venv -q --seed --python $(PYTHON) $(VENV)
+	$(UV) pip install -q --python $(PY) '.[dev]'
+	$(UV) pip uninstall -q --python $(PY) finetune-operator
 	touch $@
 
 # Everything: unit tests, tests against the real S3 server, and tests against the real local
