@@ -1,0 +1,247 @@
+from datetime import datetime, timedelta, timezone
+
+from finetune_api import contract
+from finetune_operator.status import derive_status, set_condition
+
+from operator_factories import (finetunejob, job, job_condition, pod, running_state,
+                                terminated_state)
+
+NOW = datetime(2026, 11, 28, 10, 10, tzinfo=timezone.utc)
+CREATED = {"phase": "Pending", "jobName": "flowers-trainer"}
+
+
+def conditions(update):
+    return {c["type"]: c for c in update.patch.get("conditions", [])}
+
+
+def unschedulable(message):
+    return [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": message}]
+
+
+def test_before_the_job_exists_the_job_is_pending():
+    update = derive_status(finetunejob(), None, [], NOW)
+    assert update.patch["phase"] == "Pending"
+    assert update.event == ("Normal", "Pending", "creating the trainer Job")
+
+
+def test_job_without_pods_yet_is_pending():
+    update = derive_status(finetunejob(status=CREATED), job(), [], NOW)
+    assert update.new_phase == "Pending"
+    assert conditions(update)["Running"]["status"] == "False"
+
+
+def test_unschedulable_pod_queues_the_job_with_the_scheduler_message():
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    update = derive_status(finetunejob(status=CREATED), job(),
+                           [pod(conditions=unschedulable(message))], NOW)
+    assert update.patch["phase"] == "Queued"
+    running = conditions(update)["Running"]
+    assert (running["status"], running["reason"], running["message"]) == \
+        ("False", "Unschedulable", message)
+    assert update.event == ("Normal", "Queued", message)
+
+
+def test_job_suspended_by_the_user_is_suspended():
+    update = derive_status(finetunejob(status=CREATED, suspend=True), job(suspend=True), [], NOW)
+    assert update.patch["phase"] == "Suspended"
+    assert conditions(update)["Suspended"]["status"] == "True"
+    assert "checkpoint" in conditions(update)["Suspended"]["message"]
+
+
+def test_job_held_by_kueue_is_queued():
+    update = derive_status(finetunejob(status=CREATED, queueName="gpus"), job(suspend=True), [],
+                           NOW)
+    assert update.patch["phase"] == "Queued"
+    assert conditions(update)["Running"]["reason"] == "WaitingForAdmission"
+    assert "gpus" in conditions(update)["Running"]["message"]
+
+
+def test_running_pod_makes_the_job_running():
+    update = derive_status(finetunejob(status=CREATED), job(startTime="2026-11-28T10:00:06Z"),
+                           [pod(phase="Running", state=running_state(), pod_ip="127.0.0.5")],
+                           NOW)
+    assert update.patch["phase"] == "Running"
+    assert update.patch["startTime"] == "2026-11-28T10:00:06Z"
+    assert update.patch["attempts"] == 1
+    assert conditions(update)["Running"]["status"] == "True"
+    assert update.event[:2] == ("Normal", "Running")
+
+
+def test_success_reports_accuracy_outputs_and_strategy_from_the_termination_message():
+    message = contract.termination_message(
+        valAccuracy=0.91, bestValAccuracy=0.93, strategy="FineTune",
+        strategyReason="enough images per class", modelUri="s3://models/flowers/model.safetensors",
+        reportUri="s3://models/flowers/report.json", epochs=10)
+    done = pod(phase="Succeeded", state=terminated_state(0, message, reason="Completed"))
+    update = derive_status(
+        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}),
+        job(conditions=[job_condition("Complete")], completionTime="2026-11-28T10:09:00Z",
+            succeeded=1),
+        [done], NOW)
+    patch = update.patch
+    assert patch["phase"] == "Succeeded"
+    assert patch["metrics"] == {"valAccuracy": 0.91, "bestValAccuracy": 0.93}
+    assert patch["output"] == {"modelUri": "s3://models/flowers/model.safetensors",
+                               "reportUri": "s3://models/flowers/report.json"}
+    assert patch["resolvedStrategy"] == "FineTune"
+    assert patch["strategyReason"] == "enough images per class"
+    assert patch["completionTime"] == "2026-11-28T10:09:00Z"
+    assert patch["progress"]["epochProgress"] == "10/10"
+    assert conditions(update)["Succeeded"]["status"] == "True"
+    assert conditions(update)["Running"]["status"] == "False"
+    assert update.event[:2] == ("Normal", "Succeeded")
+
+
+def test_do_not_retry_exit_code_fails_with_the_trainers_cause():
+    message = contract.termination_message(reason="InvalidData", field="spec.dataset.uri",
+                                           message="found 1 class (cats); need at least 2")
+    failed = pod(phase="Failed", state=terminated_state(int(contract.ExitCode.INVALID_DATA),
+                                                        message))
+    update = derive_status(
+        finetunejob(status={**CREATED, "phase": "Running"}),
+        job(conditions=[job_condition("Failed", "PodFailurePolicy",
+                                      "Container trainer for pod x failed with exit code 3")],
+            failed=1),
+        [failed], NOW)
+    assert update.patch["phase"] == "Failed"
+    assert update.patch["failure"] == {
+        "reason": "InvalidData", "exitCode": 3,
+        "message": "spec.dataset.uri: found 1 class (cats); need at least 2"}
+    assert conditions(update)["Failed"]["reason"] == "InvalidData"
+    assert update.event[0] == "Warning"
+
+
+def test_failure_target_counts_as_failed_before_the_pods_are_gone():
+    failed = pod(phase="Failed", state=terminated_state(4, contract.termination_message(
+        reason="AccessDenied", message="bucket datasets: access denied")))
+    update = derive_status(finetunejob(status=CREATED),
+                           job(conditions=[job_condition("FailureTarget", "PodFailurePolicy")]),
+                           [failed], NOW)
+    assert update.patch["failure"]["reason"] == "AccessDenied"
+
+
+def test_backoff_limit_exceeded_names_the_last_failure():
+    pods = [pod(name=f"p{i}", phase="Failed",
+                state=terminated_state(1, "Traceback ...\nRuntimeError: CUDA error",
+                                       finished=f"2026-11-28T10:0{i}:00Z")) for i in range(4)]
+    update = derive_status(finetunejob(status=CREATED, backoffLimit=3),
+                           job(conditions=[job_condition("Failed", "BackoffLimitExceeded")],
+                               failed=4), pods, NOW)
+    failure = update.patch["failure"]
+    assert failure["reason"] == "BackoffLimitExceeded"
+    assert failure["exitCode"] == 1
+    assert "failed 4 times" in failure["message"]
+    assert "RuntimeError: CUDA error" in failure["message"]
+    assert update.patch["attempts"] == 4
+
+
+def test_oom_kills_report_oomkilled():
+    pods = [pod(phase="Failed", state=terminated_state(137, "", reason="OOMKilled"))]
+    update = derive_status(finetunejob(status=CREATED, backoffLimit=0),
+                           job(conditions=[job_condition("Failed", "BackoffLimitExceeded")],
+                               backoff_limit=0), pods, NOW)
+    assert update.patch["failure"]["reason"] == "OOMKilled"
+    assert "memory" in update.patch["failure"]["message"]
+
+
+def test_deadline_exceeded():
+    update = derive_status(finetunejob(status=CREATED, activeDeadlineSeconds=60),
+                           job(conditions=[job_condition("Failed", "DeadlineExceeded",
+                                                         "Job was active longer than specified")]),
+                           [], NOW)
+    assert update.patch["failure"]["reason"] == "DeadlineExceeded"
+    assert "60" in update.patch["failure"]["message"]
+
+
+def test_image_pull_errors_fail_the_job_and_stop_it():
+    for reason in ("ImagePullBackOff", "ErrImagePull"):
+        waiting = {"waiting": {"reason": reason,
+                               "message": 'Back-off pulling image "registry.local/nope:1"'}}
+        update = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
+        assert update.patch["phase"] == "Failed"
+        assert update.patch["failure"]["reason"] == reason
+        assert "registry.local/nope:1" in update.patch["failure"]["message"]
+        assert update.stop_job
+
+
+def test_missing_secret_fails_with_create_container_config_error():
+    waiting = {"waiting": {"reason": "CreateContainerConfigError",
+                           "message": 'secret "s3-creds" not found'}}
+    update = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
+    assert update.patch["failure"] == {"reason": "CreateContainerConfigError",
+                                       "message": 'secret "s3-creds" not found'}
+
+
+def test_ordinary_waiting_is_still_pending():
+    waiting = {"waiting": {"reason": "ContainerCreating"}}
+    update = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
+    assert update.new_phase == "Pending" and not update.stop_job
+
+
+def test_between_retries_the_job_stays_running_with_the_cause():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1}
+    crashed = pod(phase="Failed", state=terminated_state(10, contract.termination_message(
+        reason="TransientError", message="S3 endpoint unreachable")))
+    update = derive_status(finetunejob(status=status), job(failed=1, active=1), [crashed], NOW)
+    assert update.new_phase == "Running"
+    running = conditions(update)["Running"]
+    assert running["reason"] == "Retrying" and "S3 endpoint unreachable" in running["message"]
+    assert update.event is None
+
+
+def test_a_disrupted_pod_is_replaced_and_counted_as_an_attempt():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1}
+    evicted = pod(name="a", phase="Failed", state=terminated_state(143, ""),
+                  conditions=[{"type": "DisruptionTarget", "status": "True"}])
+    replacement = pod(name="b", phase="Running", state=running_state(), pod_ip="127.0.0.9")
+    update = derive_status(finetunejob(status=status), job(active=1), [evicted, replacement], NOW)
+    assert update.new_phase == "Running"
+    assert update.patch["attempts"] == 2
+    assert "attempt 2" in conditions(update)["Running"]["message"]
+
+
+def test_deleted_job_of_an_unfinished_job_is_reported_not_recreated():
+    update = derive_status(finetunejob(status={**CREATED, "phase": "Running"}), None, [], NOW)
+    assert update.patch["phase"] == "Failed"
+    assert update.patch["failure"]["reason"] == "JobDeleted"
+
+
+def test_finished_jobs_stay_finished():
+    done = {**CREATED, "phase": "Succeeded", "metrics": {"valAccuracy": 0.9},
+            "output": {"modelUri": "s3://m/model.safetensors"}}
+    for job_now, pods in ((None, []), (job(), [pod(phase="Running", state=running_state())])):
+        update = derive_status(finetunejob(status=done), job_now, pods, NOW)
+        assert update.patch == {} and update.event is None and not update.transitioned
+
+
+def test_a_late_termination_message_fills_in_a_finished_job():
+    succeeded = {**CREATED, "phase": "Succeeded"}
+    message = contract.termination_message(valAccuracy=0.8, bestValAccuracy=0.85,
+                                           modelUri="s3://m/model.safetensors",
+                                           reportUri="s3://m/report.json", strategy="LinearProbe")
+    update = derive_status(finetunejob(status=succeeded),
+                           job(conditions=[job_condition("Complete")]),
+                           [pod(phase="Succeeded", state=terminated_state(0, message))], NOW)
+    assert update.patch["metrics"]["valAccuracy"] == 0.8
+    assert update.patch["output"]["reportUri"] == "s3://m/report.json"
+    assert "phase" not in update.patch and update.event is None
+
+
+def test_condition_transition_time_moves_only_when_status_flips():
+    earlier = NOW - timedelta(minutes=5)
+    first = set_condition([], "Running", True, "TrainerRunning", "a", 1, earlier)
+    same = set_condition(first, "Running", True, "TrainerRunning", "b", 2, NOW)
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
+    assert same[0]["message"] == "b" and same[0]["observedGeneration"] == 2
+    flipped = set_condition(same, "Running", False, "Completed", "c", 2, NOW)
+    assert flipped[0]["lastTransitionTime"] == "2026-11-28T10:10:00Z"
+
+
+def test_no_patch_when_nothing_changed():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}
+    pods = [pod(phase="Running", state=running_state())]
+    first = derive_status(finetunejob(status=status), job(), pods, NOW)
+    settled = {**status, **first.patch}
+    again = derive_status(finetunejob(status=settled), job(), pods, NOW + timedelta(seconds=30))
+    assert again.patch == {} and again.event is None
