@@ -7,7 +7,6 @@ import json
 import re
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml

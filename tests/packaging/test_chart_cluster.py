@@ -1,0 +1,304 @@
+"""The chart against the real local cluster (tests/cluster's control plane, RBAC enabled): every
+rendered object accepted by the API server, a real helm install / upgrade / uninstall, RBAC checked
+with the API server's own authorizer, and the example job run by an operator that holds only the
+chart's permissions."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from packaging_support import CHART, FULL_VALUES, REPO, render
+
+pytestmark = pytest.mark.cluster
+
+MONITORING_GROUP = "monitoring.coreos.com/v1"
+RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep",
+                        "hashmod", "lowercase", "uppercase", "keepequal", "dropequal"]},
+    "sourceLabels": {"type": "array", "items": {"type": "string",
+                                                 "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+    "separator": {"type": "string"}, "targetLabel": {"type": "string"},
+    "regex": {"type": "string"}, "modulus": {"type": "integer"},
+    "replacement": {"type": "string"}}}
+ENDPOINT = {"type": "object", "required": ["port"], "properties": {
+    "port": {"type": "string"}, "path": {"type": "string"},
+    "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+    "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+    "relabelings": {"type": "array", "items": RELABEL},
+    "metricRelabelings": {"type": "array", "items": RELABEL}}}
+SELECTOR = {"type": "object", "required": ["matchLabels"],
+            "properties": {"matchLabels": {"type": "object",
+                                           "additionalProperties": {"type": "string"}}}}
+NAMESPACE_SELECTOR = {"type": "object", "properties": {
+    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}}
+# The fields of the Prometheus Operator's CRDs (v0.7x, monitoring.coreos.com/v1) the chart uses,
+# transcribed from their OpenAPI schemas: those CRDs are not installed in the local cluster, so
+# these three kinds are checked structurally here instead of by a server-side dry run.
+MONITORING_SCHEMAS = {
+    "ServiceMonitor": {"type": "object", "required": ["selector", "endpoints"], "properties": {
+        "selector": SELECTOR, "namespaceSelector": NAMESPACE_SELECTOR,
+        "endpoints": {"type": "array", "minItems": 1, "items": ENDPOINT}}},
+    "PodMonitor": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
+                   "properties": {"selector": SELECTOR, "namespaceSelector": NAMESPACE_SELECTOR,
+                                  "podMetricsEndpoints": {"type": "array", "minItems": 1,
+                                                          "items": ENDPOINT}}},
+    "PrometheusRule": {"type": "object", "required": ["groups"], "additionalProperties": False,
+                       "properties": {"groups": {"type": "array", "items": {
+                           "type": "object", "required": ["name", "rules"],
+                           "properties": {"name": {"type": "string"}, "rules": {
+                               "type": "array", "items": {
+                                   "type": "object", "required": ["expr"],
+                                   "additionalProperties": False,
+                                   "properties": {
+                                       "alert": {"type": "string"}, "record": {"type": "string"},
+                                       "expr": {"type": "string"}, "for": {"type": "string"},
+                                       "labels": {"type": "object"},
+                                       "annotations": {"type": "object"}}}}}}}}},
+}
+
+
+class Kube:
+    def __init__(self, cluster: dict[str, str], kubectl: str):
+        self.env = {**os.environ, **cluster}
+        self.kubectl_path = kubectl
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True,
+                kubeconfig: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env, **({"KUBECONFIG": kubeconfig} if kubeconfig else {}))
+        result = subprocess.run([self.kubectl_path, *args], input=stdin, capture_output=True,
+                                text=True, env=env, timeout=120)
+        if check:
+            assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+        return result
+
+    def helm(self, helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([helm, *args], capture_output=True, text=True, env=self.env,
+                                timeout=300)
+        if check:
+            assert result.returncode == 0, f"helm {' '.join(args)}: {result.stderr}"
+        return result
+
+    def get(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+
+@pytest.fixture(scope="module")
+def kube(local_cluster, kubectl) -> Kube:
+    kube = Kube(local_cluster, kubectl)
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                 str(REPO / "crds" / "finetune.dev_finetunejobs.yaml"))
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                 "crd/finetunejobs.finetune.dev")
+    return kube
+
+
+@pytest.fixture()
+def namespaces(kube):
+    """Fresh namespaces for one test, deleted afterwards: make(suffix) -> name."""
+    made: list[str] = []
+    run_id = uuid.uuid4().hex[:6]
+
+    def make(suffix: str) -> str:
+        name = f"pkg-{run_id}-{suffix}"
+        kube.kubectl("create", "namespace", name)
+        made.append(name)
+        return name
+    yield make
+    for name in made:
+        kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_every_rendered_object_is_accepted_by_the_api_server(kube, helm, namespaces, tmp_path):
+    release_ns, team_a, team_b, monitoring = (namespaces(s) for s in ("sys", "a", "b", "mon"))
+    values = copy.deepcopy(FULL_VALUES)
+    values["watchNamespaces"] = [team_a, team_b]
+    values["grafanaDashboard"]["namespace"] = monitoring
+    values["priorityClassName"] = ""  # system-cluster-critical is refused outside kube-system
+    for variant in (None, values):
+        objects = render(helm, variant, tmp_path, release=f"dry-{uuid.uuid4().hex[:4]}",
+                         namespace=release_ns)
+        core = [o for o in objects if o["apiVersion"] != MONITORING_GROUP]
+        result = kube.kubectl("apply", "--dry-run=server", "-f", "-",
+                              stdin=yaml.safe_dump_all(core))
+        accepted = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
+        assert len(accepted) == len(core), result.stdout
+        for obj in objects:
+            if obj["apiVersion"] == MONITORING_GROUP:
+                jsonschema.validate(obj["spec"], MONITORING_SCHEMAS[obj["kind"]])
+    assert {o["kind"] for o in objects if o["apiVersion"] == MONITORING_GROUP} == \
+        set(MONITORING_SCHEMAS)
+
+
+def test_values_typo_fails_helm_install(kube, helm, namespaces):
+    ns = namespaces("typo")
+    result = kube.helm(helm, "install", "typo", str(CHART), "-n", ns, "--set",
+                       "podMonitor.enabeld=true", check=False)
+    assert result.returncode != 0
+    assert "additional properties 'enabeld' not allowed" in result.stderr
+    assert kube.helm(helm, "list", "-n", ns, "-q").stdout.strip() == ""
+
+
+def can_i(kube: Kube, sa: str, verb: str, resource: str, namespace: str) -> bool:
+    result = kube.kubectl("auth", "can-i", verb, resource, f"--as={sa}", "-n", namespace,
+                          check=False)
+    return result.stdout.strip() == "yes"
+
+
+def test_install_grants_least_privilege_upgrades_and_uninstalls_cleanly(kube, helm, namespaces):
+    ns, team = namespaces("op"), namespaces("team")
+    other = namespaces("other")
+    release = f"ftop-{uuid.uuid4().hex[:4]}"
+    kube.helm(helm, "install", release, str(CHART), "-n", ns, "--set",
+              f"watchNamespaces={{{team}}}", "--wait", "--timeout", "120s")
+    fullname = f"{release}-finetune-operator"
+    deployment = kube.get("deployment", fullname, "-n", ns)
+    assert deployment["status"].get("readyReplicas") == 1
+    sa = f"system:serviceaccount:{ns}:{fullname}"
+    # What the operator must do, in the watched namespace...
+    for verb, resource in [("watch", "finetunejobs.finetune.dev"),
+                           ("patch", "finetunejobs.finetune.dev/status"),
+                           ("create", "jobs.batch"), ("list", "pods"),
+                           ("create", "configmaps"), ("create", "events")]:
+        assert can_i(kube, sa, verb, resource, team), f"cannot {verb} {resource}"
+    assert can_i(kube, sa, "update", "leases.coordination.k8s.io", ns)
+    # ...and nothing more: no Secrets, no spec writes, nothing outside the watched namespace.
+    assert not can_i(kube, sa, "get", "secrets", team)
+    assert not can_i(kube, sa, "update", "finetunejobs.finetune.dev", team)
+    assert not can_i(kube, sa, "create", "jobs.batch", other)
+    assert not can_i(kube, sa, "update", "leases.coordination.k8s.io", team)
+
+    kube.helm(helm, "upgrade", release, str(CHART), "-n", ns, "--reuse-values",
+              "--set", "logLevel=DEBUG", "--set", f"watchNamespaces={{{team},{other}}}")
+    deployment = kube.get("deployment", fullname, "-n", ns)
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FINETUNE_LOG_LEVEL"] == "DEBUG"
+    assert env["FINETUNE_WATCH_NAMESPACES"] == f"{team},{other}"
+    assert can_i(kube, sa, "create", "jobs.batch", other)
+
+    kube.helm(helm, "uninstall", release, "-n", ns, "--wait", "--timeout", "120s")
+    selector = f"app.kubernetes.io/instance={release}"
+    for namespace in (ns, team, other):
+        left = kube.get("deployments,services,serviceaccounts,roles,rolebindings,configmaps",
+                        "-n", namespace, "-l", selector)["items"]
+        assert left == [], [o["metadata"]["name"] for o in left]
+    left = kube.get("clusterroles,clusterrolebindings", "-l", selector)["items"]
+    assert left == [], [o["metadata"]["name"] for o in left]
+    # The CRD stays (Helm never deletes crds/), and with it every FineTuneJob.
+    kube.get("crd", "finetunejobs.finetune.dev")
+
+
+def test_applying_the_tenant_example_twice_changes_nothing(kube, namespaces, tmp_path):
+    ns = namespaces("tenant")
+    work = tmp_path / "tenant"
+    shutil.copytree(REPO / "examples" / "tenant", work)
+    shutil.copy(work / "s3-credentials.env.example", work / "s3-credentials.env")
+    built = [d for d in yaml.safe_load_all(kube.kubectl("kustomize", str(work)).stdout) if d]
+    docs = []
+    for obj in built:
+        if obj["kind"] == "Namespace":
+            continue  # use the test's own namespace
+        obj["metadata"]["namespace"] = ns
+        docs.append(obj)
+    manifest = yaml.safe_dump_all(docs)
+    first = kube.kubectl("apply", "-f", "-", stdin=manifest).stdout
+    assert "created" in first
+    time.sleep(2)  # let anything that would react (an operator watching all namespaces) react
+    second = kube.kubectl("apply", "-f", "-", stdin=manifest).stdout.splitlines()
+    assert second and all(line.endswith("unchanged") for line in second), second
+    ftj = kube.get("finetunejob", "flowers-efficientnet", "-n", ns)
+    assert ftj["metadata"]["generation"] == 1
+
+
+# --- the example job, run by an operator holding only the chart's RBAC ----------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def token_kubeconfig(kube: Kube, namespace: str, sa: str, path: Path) -> str:
+    admin = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        ca = Path(cluster["certificate-authority"])
+        if not ca.is_absolute():
+            ca = Path(kube.env["KUBECONFIG"]).parent / ca
+        cluster = {"server": cluster["server"],
+                   "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}
+    token = kube.kubectl("create", "token", sa, "-n", namespace, "--duration=2h").stdout.strip()
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": sa}}]}))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, namespaces, tmp_path,
+                                                               local_cluster):
+    example = REPO / "examples" / "fashion-mnist.yaml"
+    entry = Path(sys.executable).parent / "finetune-operator"
+    if not example.exists() or not (REPO / "operator" / "finetune_operator" / "__main__.py").exists():
+        pytest.skip("needs examples/fashion-mnist.yaml and the operator's entry point")
+    ns, team = namespaces("e2e-op"), namespaces("e2e")
+    release = "e2e"
+    kube.helm(helm, "install", release, str(CHART), "-n", ns,
+              "--set", f"watchNamespaces={{{team}}}",
+              "--set", f"s3.defaultEndpoint={local_cluster['S3_ENDPOINT_URL']}")
+    fullname = f"{release}-finetune-operator"
+    deployment = kube.get("deployment", fullname, "-n", ns)
+    # Run the operator here with the Deployment's own configuration and the ServiceAccount's token.
+    env = {e["name"]: e["value"] for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    env.update({
+        "POD_NAMESPACE": ns, "POD_NAME": f"{fullname}-local",
+        "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",
+        "FINETUNE_OPERATOR_METRICS_PORT": str(free_port()),
+        "KUBECONFIG": token_kubeconfig(kube, ns, fullname, tmp_path / "operator.kubeconfig"),
+        "HOME": str(tmp_path),
+    })
+    log = open(tmp_path / "operator.log", "w")
+    operator = subprocess.Popen(
+        [str(entry) if entry.exists() else "finetune-operator"],
+        env={**os.environ, **local_cluster, **env}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        manifest = yaml.safe_load(example.read_text())
+        manifest["metadata"]["namespace"] = team
+        kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+        name = manifest["metadata"]["name"]
+        waited = kube.kubectl("wait", "--for=condition=Succeeded", "--timeout=600s",
+                              f"finetunejob/{name}", "-n", team, check=False)
+        ftj = kube.get("finetunejob", name, "-n", team)
+        operator_log = (tmp_path / "operator.log").read_text(errors="replace")
+        assert waited.returncode == 0, (
+            f"status: {json.dumps(ftj.get('status'), indent=1)}\n"
+            f"operator log tail:\n{operator_log[-4000:]}")
+        assert "Forbidden" not in operator_log and " 403" not in operator_log, operator_log[-4000:]
+        assert ftj["status"]["phase"] == "Succeeded"
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+        log.close()
+        kube.helm(helm, "uninstall", release, "-n", ns, check=False)
