@@ -37,12 +37,10 @@ FULL_VALUES: dict[str, Any] = {
 
 
 def find_tool(name: str) -> str | None:
-    """A tool on PATH or among the binaries the project builds into its cache."""
-    found = shutil.which(name)
-    if found:
-        return found
+    """A tool the project builds into its cache (pinned versions, e.g. a kubectl of the local
+    cluster's minor), else one on PATH."""
     cached = CACHE_BIN / name
-    return str(cached) if cached.exists() else None
+    return str(cached) if cached.exists() else shutil.which(name)
 
 
 def require_tool(name: str, how: str) -> str:

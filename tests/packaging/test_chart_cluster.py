@@ -97,8 +97,8 @@ class Kube:
 
 
 @pytest.fixture(scope="module")
-def kube(local_cluster, kubectl) -> Kube:
-    kube = Kube(local_cluster, kubectl)
+def kube(cluster_env, kubectl_bin) -> Kube:
+    kube = Kube(cluster_env, kubectl_bin)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f",
                  str(REPO / "crds" / "finetune.dev_finetunejobs.yaml"))
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
@@ -253,7 +253,7 @@ def token_kubeconfig(kube: Kube, namespace: str, sa: str, path: Path) -> str:
 
 @pytest.mark.slow
 def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, namespaces, tmp_path,
-                                                               local_cluster):
+                                                               cluster_env):
     example = REPO / "examples" / "fashion-mnist.yaml"
     entry = Path(sys.executable).parent / "finetune-operator"
     if not example.exists() or not (REPO / "operator" / "finetune_operator" / "__main__.py").exists():
@@ -262,7 +262,7 @@ def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, name
     release = "e2e"
     kube.helm(helm, "install", release, str(CHART), "-n", ns,
               "--set", f"watchNamespaces={{{team}}}",
-              "--set", f"s3.defaultEndpoint={local_cluster['S3_ENDPOINT_URL']}")
+              "--set", f"s3.defaultEndpoint={cluster_env['S3_ENDPOINT_URL']}")
     fullname = f"{release}-finetune-operator"
     deployment = kube.get("deployment", fullname, "-n", ns)
     # Run the operator here with the Deployment's own configuration and the ServiceAccount's token.
@@ -278,7 +278,7 @@ def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, name
     log = open(tmp_path / "operator.log", "w")
     operator = subprocess.Popen(
         [str(entry) if entry.exists() else "finetune-operator"],
-        env={**os.environ, **local_cluster, **env}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **cluster_env, **env}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         manifest = yaml.safe_load(example.read_text())

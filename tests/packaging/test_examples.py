@@ -16,12 +16,12 @@ TENANT = REPO / "examples" / "tenant"
 
 
 @pytest.fixture()
-def built(kubectl, tmp_path) -> list[dict]:
+def built(kubectl_bin, tmp_path) -> list[dict]:
     work = tmp_path / "tenant"
     shutil.copytree(TENANT, work)
     # The credentials file is git-ignored; the example says to create it from the template.
     shutil.copy(work / "s3-credentials.env.example", work / "s3-credentials.env")
-    result = run([kubectl, "kustomize", str(work)])
+    result = run([kubectl_bin, "kustomize", str(work)])
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
