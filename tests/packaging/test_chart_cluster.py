@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -302,3 +303,42 @@ def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, name
             operator.kill()
         log.close()
         kube.helm(helm, "uninstall", release, "-n", ns, check=False)
+
+
+def test_real_prometheus_loads_the_alert_rules(cluster_env, prometheus_url):
+    """The local cluster's Prometheus (Debian's) loads monitoring/finetune-rules.yaml as is."""
+    rules_dir = Path(cluster_env["FINETUNE_PROMETHEUS_RULES_DIR"])
+    rules_dir.mkdir(parents=True, exist_ok=True)
+    target = rules_dir / f"packaging-{uuid.uuid4().hex[:6]}.yaml"
+    shutil.copy(REPO / "monitoring" / "finetune-rules.yaml", target)
+    expected = {g["name"]: {r["alert"] for r in g["rules"]} for g in
+                yaml.safe_load(target.read_text())["groups"]}
+
+    def reload() -> None:
+        request = urllib.request.Request(f"{prometheus_url}/-/reload", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def loaded() -> dict[str, dict]:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/rules?type=alert", timeout=10) as r:
+            groups = json.load(r)["data"]["groups"]
+        return {g["name"]: g for g in groups if g["file"] == str(target)}
+
+    def evaluated() -> dict[str, dict] | None:
+        """Our groups once every rule has been evaluated (health is "unknown" before)."""
+        groups = loaded()
+        rules = [r for g in groups.values() for r in g["rules"]]
+        return groups if set(groups) == set(expected) and all(
+            r["health"] != "unknown" for r in rules) else None
+    try:
+        reload()
+        deadline = time.monotonic() + 30
+        while not (groups := evaluated()) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert groups, f"rules not loaded and evaluated: {loaded()}"
+        for name, alerts in expected.items():
+            assert {r["name"] for r in groups[name]["rules"]} == alerts
+            for rule in groups[name]["rules"]:
+                assert rule["health"] == "ok", rule
+    finally:
+        target.unlink()
+        reload()
