@@ -64,15 +64,23 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-        method, url, headers, body, post = self.client.param_serialize(
-            method=method, resource_path=path, query_params=list((query or {}).items()),
-            header_params=headers, body=body, auth_settings=["BearerToken"])
-        response = self.client.call_api(method, url, header_params=headers, body=body,
-                                        post_params=post, _request_timeout=timeout)
-        data = response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(status=response.status, reason=response.reason,
-                               body=data.decode(errors="replace") if data else None)
+        query_params = list((query or {}).items())
+        if hasattr(self.client, "param_serialize"):  # kubernetes >= 37 (new generator)
+            method, url, headers, body, post = self.client.param_serialize(
+                method=method, resource_path=path, query_params=query_params,
+                header_params=headers, body=body, auth_settings=["BearerToken"])
+            response = self.client.call_api(method, url, header_params=headers, body=body,
+                                            post_params=post, _request_timeout=timeout)
+            data = response.read()
+            if not 200 <= response.status < 300:
+                raise ApiException(status=response.status, reason=response.reason,
+                                   body=data.decode(errors="replace") if data else None)
+        else:  # raises ApiException itself on a non-2xx answer
+            response = self.client.call_api(
+                path, method, query_params=query_params, header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=timeout)
+            data = response.data
         return json.loads(data) if data else {}
 
     def _get(self, path: str) -> Manifest | None:

@@ -198,7 +198,7 @@ def test_job_uses_only_real_batch_v1_fields(spec):
     job = builders.build_trainer_job(spec, CONFIG)
     client = kubernetes.client.ApiClient()
 
-    model = client.deserialize(json.dumps(job), "V1Job", "application/json")
+    model = client._ApiClient__deserialize(json.loads(json.dumps(job)), "V1Job")
     assert client.sanitize_for_serialization(model) == job
 
 
