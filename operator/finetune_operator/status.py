@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune_api import contract
 
-from finetune_operator.builders import CONTAINER_NAME, trainer_job_name
+from finetune_operator.builders import CONTAINER_NAME
 
 Manifest = dict[str, Any]
 
@@ -310,8 +310,6 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
                        (job_counts.get("failed") or 0) + (job_counts.get("succeeded") or 0))
         if attempts:
             new["attempts"] = attempts
-    elif not status.get("jobName"):
-        new["jobName"] = trainer_job_name(meta["name"])
     if phase == RUNNING and not status.get("startTime"):
         new["startTime"] = (job or {}).get("status", {}).get("startTime") or timestamp(now)
 

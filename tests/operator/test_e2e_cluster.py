@@ -1,0 +1,424 @@
+"""The operator end to end on the local cluster: real API server (RBAC, CEL, the Job and garbage
+collector controllers, the scheduler with kwok GPU nodes), the pod agent running the real trainer,
+versitygw S3. The operator runs as a subprocess with a ServiceAccount token bound to rbac.py's
+rules only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_api.validation import SpecError, validate_manifest
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
+
+from e2e_support import apply, get, wait_for
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SECRET = "s3-credentials"
+TRAINER_SELECTOR = "finetune.dev/component=trainer"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
+    apply(kubectl, {"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": SECRET, "namespace": namespace},
+                    "stringData": {"AWS_ACCESS_KEY_ID": cluster_env["AWS_ACCESS_KEY_ID"],
+                                   "AWS_SECRET_ACCESS_KEY": cluster_env["AWS_SECRET_ACCESS_KEY"]}})
+
+
+def finetunejob(name: str, namespace: str, dataset: str, **spec) -> dict:
+    base = {
+        "dataset": {"uri": dataset, "s3": {"credentialsSecret": SECRET, "addressingStyle": "Path"}},
+        "model": {"backbone": "test_resnet", "weights": "None", "imageSize": 32},
+        "strategy": "FineTune", "epochs": 2, "batchSize": 16, "augmentation": "None",
+        "dataLoaderWorkers": 0, "baseline": {"enabled": False},
+        "output": {"uri": f"s3://models/{namespace}/{name}/"},
+        "resources": {"gpus": 0},
+    }
+    for key, value in spec.items():
+        base[key] = value
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace}, "spec": base}
+
+
+def ftj(kubectl, namespace: str, name: str) -> dict | None:
+    return get(kubectl, "finetunejob", name, namespace)
+
+
+def status(kubectl, namespace: str, name: str) -> dict:
+    return (ftj(kubectl, namespace, name) or {}).get("status") or {}
+
+
+def wait_phase(kubectl, namespace: str, name: str, *phases: str, timeout: float = 300) -> dict:
+    def reached():
+        current = status(kubectl, namespace, name)
+        return current if current.get("phase") in phases else None
+    try:
+        return wait_for(reached, timeout=timeout, interval=1,
+                        message=f"{namespace}/{name} to reach {'/'.join(phases)}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; status: {json.dumps(status(kubectl, namespace, name))}")
+
+
+def condition(current: dict, type_: str) -> dict:
+    return next((c for c in current.get("conditions") or [] if c["type"] == type_), {})
+
+
+def objects(kubectl, kind: str, namespace: str, selector: str = TRAINER_SELECTOR) -> list[dict]:
+    return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
+
+
+def configmaps(kubectl, namespace: str) -> list[dict]:
+    return objects(kubectl, "configmaps", namespace, "app.kubernetes.io/managed-by=finetune-operator")
+
+
+def s3_keys(s3_client, uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_json(s3_client, uri: str) -> dict:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def wait_checkpoint(s3_client, output_uri: str, timeout: float = 240) -> None:
+    wait_for(lambda: any(k.endswith("checkpoints/latest.json")
+                         for k in s3_keys(s3_client, output_uri)),
+             timeout=timeout, interval=0.5, message=f"a checkpoint under {output_uri}")
+
+
+def events(kubectl, namespace: str, name: str) -> list[dict]:
+    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json",
+                               "--field-selector", f"involvedObject.name={name}"))["items"]
+    return [e for e in items if e.get("source", {}).get("component") == "finetune-operator"]
+
+
+# --- tests ------------------------------------------------------------------------------
+
+def test_example_succeeds_with_accuracy_in_kubectl_and_the_model_in_s3(
+        kubectl, namespace, ftj_operator, datasets, s3_client):
+    kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "fashion-mnist.yaml"))
+    kubectl("wait", "-n", namespace, "--for=condition=Succeeded", "ftj/fashion-mnist",
+            "--timeout=600s")
+    current = status(kubectl, namespace, "fashion-mnist")
+    assert current["phase"] == "Succeeded"
+    assert 0.0 <= current["metrics"]["valAccuracy"] <= 1.0
+    assert current["resolvedStrategy"] == "FineTune"
+    assert current["progress"]["epochProgress"] == "2/2"
+    assert current["completionTime"] >= current["startTime"]
+    row = kubectl("get", "ftj", "fashion-mnist", "-n", namespace, "--no-headers").split()
+    assert row[1] == "Succeeded" and row[2] == "resnet18" and row[3] == "FineTune"
+    assert row[4] == "2/2" and 0.0 <= float(row[5]) <= 1.0
+    model_uri = current["output"]["modelUri"]
+    assert model_uri.startswith("s3://models/fashion-mnist/")
+    assert model_uri.removeprefix("s3://models/") in s3_keys(s3_client, "s3://models/fashion-mnist/")
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["valAccuracy"] == current["metrics"]["valAccuracy"]
+
+    # Scheduled as a GPU pod, owned through the Job, with the spec from the owned ConfigMap.
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["metadata"]["ownerReferences"][0]["uid"] == ftj(kubectl, namespace,
+                                                                "fashion-mnist")["metadata"]["uid"]
+    pod, = objects(kubectl, "pods", namespace)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["nodeName"].startswith("gpu-")
+    # Nothing a GitOps tool owns was written: no finalizers, no operator annotations.
+    meta = ftj(kubectl, namespace, "fashion-mnist")["metadata"]
+    assert not meta.get("finalizers")
+    assert set(meta.get("annotations") or {}) <= {"kubectl.kubernetes.io/last-applied-configuration"}
+    assert {e["reason"] for e in events(kubectl, namespace, "fashion-mnist")} >= {"Succeeded"}
+    assert ftj_operator.metric("finetune_operator_jobs", phase="Succeeded") == 1
+    assert ftj_operator.metric("finetune_operator_job_creation_latency_seconds_count") == 1
+    assert ftj_operator.metric("finetune_operator_time_to_running_seconds_count") == 1
+
+
+INVALID = sorted((EXAMPLES / "invalid").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_invalid_manifests_are_rejected_by_the_api_server_naming_the_field(kubectl, namespace,
+                                                                          path):
+    field = path.read_text().splitlines()[0].removeprefix("# expect: ").strip()
+    with pytest.raises(AssertionError) as refused:
+        kubectl("apply", "-n", namespace, "-f", str(path))
+    assert field in str(refused.value), str(refused.value)
+    assert "Invalid" in str(refused.value)
+    with pytest.raises(SpecError) as local:  # the local validator refuses it too
+        validate_manifest(yaml.safe_load(path.read_text()))
+    leaf = field.rpartition(".")[2]
+    assert any(leaf in problem for problem in local.value.problems)
+    assert ftj(kubectl, namespace, "invalid") is None
+
+
+def test_immutable_fields_are_refused_on_update(kubectl, namespace, datasets):
+    manifest = finetunejob("immutable", namespace, datasets["fashion-mnist"], suspend=True)
+    apply(kubectl, manifest)
+    manifest["spec"]["model"]["backbone"] = "resnet50"
+    with pytest.raises(AssertionError, match=r"spec\.model.*immutable"):
+        apply(kubectl, manifest)
+    manifest["spec"]["model"]["backbone"] = "test_resnet"
+    manifest["spec"]["backoffLimit"] = 1  # mutable
+    apply(kubectl, manifest)
+
+
+def test_unschedulable_gpu_request_is_queued_with_the_schedulers_reason(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("big", namespace, datasets["fashion-mnist"],
+                               resources={"gpus": 16}))
+    current = wait_phase(kubectl, namespace, "big", "Queued", timeout=60)
+    running = condition(current, "Running")
+    assert running["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in running["message"]
+    assert ftj_operator.metric("finetune_operator_jobs", phase="Queued") == 1
+
+
+def test_do_not_retry_exit_code_fails_at_once_with_the_trainers_cause(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("one-class", namespace, datasets["one-class"], backoffLimit=3))
+    current = wait_phase(kubectl, namespace, "one-class", "Failed", timeout=240)
+    assert current["failure"]["reason"] == "InvalidData"
+    assert current["failure"]["exitCode"] == 3
+    assert "class" in current["failure"]["message"]
+    assert condition(current, "Failed")["status"] == "True"
+    job, = objects(kubectl, "jobs", namespace)
+    assert any(c["reason"] == "PodFailurePolicy" for c in job["status"].get("conditions", []))
+    assert len(objects(kubectl, "pods", namespace)) == 1  # not retried
+    assert current["attempts"] == 1
+    assert "Warning" in {e["type"] for e in events(kubectl, namespace, "one-class")}
+
+
+def test_missing_secret_fails_with_a_clear_reason_and_no_cross_namespace_access(
+        kubectl, namespace, operator_factory, datasets, cluster_env, api_client):
+    from kubernetes import client
+
+    other = f"{namespace[:50]}-b"
+    client.CoreV1Api(api_client).create_namespace(client.V1Namespace(
+        metadata=client.V1ObjectMeta(name=other, labels={"finetune.dev/test": "true"})))
+    try:
+        wait_for(lambda: get(kubectl, "serviceaccount", "default", other), timeout=30)
+        s3_secret(kubectl, namespace, cluster_env)  # the Secret exists in namespace A only
+        operator_factory([namespace, other]).wait_leader()
+        apply(kubectl, finetunejob("borrower", other, datasets["fashion-mnist"]))
+        current = wait_phase(kubectl, other, "borrower", "Failed", timeout=120)
+        assert current["failure"]["reason"] == "CreateContainerConfigError"
+        assert SECRET in current["failure"]["message"]
+        # Stopped, not left retrying: the Job is suspended and its pod gone.
+        wait_for(lambda: not objects(kubectl, "pods", other), timeout=60, message="pods gone")
+        job, = objects(kubectl, "jobs", other)
+        assert job["spec"]["suspend"] is True
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client, api_client):
+    from kubernetes import client
+
+    s3_secret(kubectl, namespace, cluster_env)
+    manifest = finetunejob("evicted", namespace, datasets["fashion-mnist"], epochs=12,
+                           model={"backbone": "test_resnet", "weights": "None", "imageSize": 64})
+    apply(kubectl, manifest)
+    wait_phase(kubectl, namespace, "evicted", "Running", timeout=120)
+    wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
+    pod, = objects(kubectl, "pods", namespace)
+    # An eviction, as a node drain or preemption does it.
+    client.CoreV1Api(api_client).create_namespaced_pod_eviction(
+        pod["metadata"]["name"], namespace, client.V1Eviction(metadata=client.V1ObjectMeta(
+            name=pod["metadata"]["name"], namespace=namespace)))
+    current = wait_phase(kubectl, namespace, "evicted", "Succeeded", "Failed", timeout=420)
+    assert current["phase"] == "Succeeded", current
+    assert current["attempts"] >= 2
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["resumedFromEpoch"] >= 1
+    assert len(objects(kubectl, "jobs", namespace)) == 1
+
+
+def test_operator_restarted_mid_job_leaves_exactly_one_job_and_the_job_finishes(
+        kubectl, namespace, operator_factory, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    first = operator_factory([namespace]).wait_leader()
+    apply(kubectl, finetunejob("restart", namespace, datasets["fashion-mnist"], epochs=6,
+                               model={"backbone": "test_resnet", "weights": "None",
+                                      "imageSize": 64}))
+    before = wait_phase(kubectl, namespace, "restart", "Running", timeout=120)
+    first.stop(signal.SIGKILL)
+    second = operator_factory([namespace]).wait_leader(timeout=60)
+    current = wait_phase(kubectl, namespace, "restart", "Succeeded", timeout=420)
+    assert current["startTime"] == before["startTime"]
+    assert len(objects(kubectl, "jobs", namespace)) == 1
+    assert len(configmaps(kubectl, namespace)) == 1
+    assert second.metric("finetune_operator_job_creation_latency_seconds_count") == 0
+
+
+def test_an_existing_job_is_adopted_and_a_foreign_one_is_refused(
+        kubectl, namespace, operator_factory, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    # As if an operator had crashed between creating the Job and recording it in status.
+    apply(kubectl, finetunejob("adopted", namespace, datasets["fashion-mnist"], suspend=True))
+    created = ftj(kubectl, namespace, "adopted")
+    kubectl("create", "-f", "-", input=json.dumps(builders.build_trainer_job(
+        created, OperatorConfig(trainer_image="finetune-trainer:dev"))))
+    # A Job of someone else's with the name the operator would use.
+    apply(kubectl, {"apiVersion": "batch/v1", "kind": "Job",
+                    "metadata": {"name": builders.trainer_job_name("squatted"),
+                                 "namespace": namespace},
+                    "spec": {"suspend": True, "template": {"spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "c", "image": "busybox"}]}}}})
+    apply(kubectl, finetunejob("squatted", namespace, datasets["fashion-mnist"], suspend=True))
+    operator_factory([namespace]).wait_leader()
+    adopted = wait_phase(kubectl, namespace, "adopted", "Suspended", timeout=60)
+    assert adopted["jobName"] == "adopted-trainer"
+    squatted = wait_phase(kubectl, namespace, "squatted", "Failed", timeout=60)
+    assert squatted["failure"]["reason"] == "NameConflict"
+    assert len(objects(kubectl, "jobs", namespace)) == 1  # ours; the foreign Job has no labels
+
+
+def test_suspend_deletes_pods_keeps_the_checkpoint_and_resume_continues_from_it(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
+    s3_secret(kubectl, namespace, cluster_env)
+    manifest = finetunejob("pausable", namespace, datasets["fashion-mnist"], epochs=12,
+                           model={"backbone": "test_resnet", "weights": "None", "imageSize": 64})
+    apply(kubectl, manifest)
+    wait_phase(kubectl, namespace, "pausable", "Running", timeout=120)
+    wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
+    kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"suspend":true}}')
+    current = wait_phase(kubectl, namespace, "pausable", "Suspended", timeout=60)
+    assert condition(current, "Suspended")["status"] == "True"
+    wait_for(lambda: not objects(kubectl, "pods", namespace), timeout=60, message="pods deleted")
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["spec"]["suspend"] is True
+    assert any(k.endswith("latest.json") for k in s3_keys(s3_client, manifest["spec"]["output"]["uri"]))
+    kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"suspend":false}}')
+    current = wait_phase(kubectl, namespace, "pausable", "Succeeded", timeout=420)
+    assert s3_json(s3_client, current["output"]["reportUri"])["resumedFromEpoch"] >= 1
+    assert condition(current, "Suspended")["status"] == "False"
+
+
+def test_spec_change_that_cannot_apply_is_reported_in_a_condition(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("changed", namespace, datasets["fashion-mnist"], suspend=True))
+    wait_phase(kubectl, namespace, "changed", "Suspended", timeout=60)
+    kubectl("patch", "ftj", "changed", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"batchSize":8,"backoffLimit":1}}')
+    applied = wait_for(lambda: condition(status(kubectl, namespace, "changed"), "SpecApplied")
+                       or None, timeout=60, message="the SpecApplied condition")
+    assert applied["status"] == "False" and "spec.batchSize" in applied["message"]
+    assert "backoffLimit" not in applied["message"]
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["spec"]["backoffLimit"] == 1  # what can apply did
+    assert "ChangeNotApplied" in {e["reason"] for e in events(kubectl, namespace, "changed")}
+
+
+def test_deletion_removes_job_pods_and_configmap_even_with_the_operator_down(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("doomed", namespace, datasets["fashion-mnist"], epochs=12,
+                               model={"backbone": "test_resnet", "weights": "None",
+                                      "imageSize": 64}))
+    wait_phase(kubectl, namespace, "doomed", "Running", timeout=120)
+    assert objects(kubectl, "pods", namespace) and configmaps(kubectl, namespace)
+    ftj_operator.stop(signal.SIGKILL)
+    kubectl("delete", "ftj", "doomed", "-n", namespace, "--timeout=20s")
+    wait_for(lambda: not (objects(kubectl, "jobs", namespace) or objects(kubectl, "pods", namespace)
+                          or configmaps(kubectl, namespace)),
+             timeout=120, message="the Job, its pods and the ConfigMap to be garbage-collected")
+
+
+def test_ttl_deletes_a_finished_job_once_and_never_recreates_it(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("short-lived", namespace, datasets["one-class"],
+                               ttlSecondsAfterFinished=3))
+    wait_phase(kubectl, namespace, "short-lived", "Failed", timeout=240)
+    wait_for(lambda: ftj(kubectl, namespace, "short-lived") is None, timeout=30,
+             message="the TTL to delete the FineTuneJob")
+    wait_for(lambda: not objects(kubectl, "jobs", namespace), timeout=60,
+             message="its Job to be garbage-collected")
+    time.sleep(8)  # several TTL sweeps and resyncs later, nothing came back
+    assert ftj(kubectl, namespace, "short-lived") is None
+    assert not objects(kubectl, "jobs", namespace)
+
+
+def test_deadline_exceeded(kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("slow", namespace, datasets["fashion-mnist"], epochs=50,
+                               activeDeadlineSeconds=8))
+    current = wait_phase(kubectl, namespace, "slow", "Failed", timeout=120)
+    assert current["failure"]["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=8" in current["failure"]["message"]
+
+
+def test_kueue_queue_name_creates_a_suspended_labelled_job_that_runs_once_admitted(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("queued", namespace, datasets["fashion-mnist"],
+                               queueName="team-gpus"))
+    current = wait_phase(kubectl, namespace, "queued", "Queued", timeout=60)
+    assert condition(current, "Running")["reason"] == "WaitingForAdmission"
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    assert job["spec"]["suspend"] is True
+    time.sleep(3)  # the operator does not unsuspend it by itself
+    assert objects(kubectl, "jobs", namespace)[0]["spec"]["suspend"] is True
+    # Admission, as Kueue does it.
+    kubectl("patch", "job", job["metadata"]["name"], "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"suspend":false}}')
+    wait_phase(kubectl, namespace, "queued", "Succeeded", timeout=300)
+
+
+def test_progress_is_reported_while_running(kubectl, namespace, ftj_operator, datasets,
+                                            cluster_env, trainer_metrics_url):
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("watched", namespace, datasets["fashion-mnist"], epochs=12,
+                               model={"backbone": "test_resnet", "weights": "None",
+                                      "imageSize": 64}))
+    wait_phase(kubectl, namespace, "watched", "Running", timeout=120)
+    pod, = objects(kubectl, "pods", namespace)
+    served = trainer_metrics_url(namespace, pod["metadata"]["name"])
+    declared = f":{pod['spec']['containers'][0]['ports'][0]['containerPort']}/"
+    if served and (declared not in served or pod["status"].get("podIP") == "127.0.0.1"):
+        pytest.skip(f"the pod agent serves the trainer's metrics at {served}, not at "
+                    "podIP:containerPort (it needs per-pod loopback IPs; see the report)")
+    current = wait_for(lambda: (lambda s: s if s.get("progress", {}).get("epoch", 0) >= 1
+                                else None)(status(kubectl, namespace, "watched")),
+                       timeout=240, interval=1, message="progress in status")
+    assert current["progress"]["totalEpochs"] == 12
+    assert current["progress"]["epochProgress"].endswith("/12")
+    assert 0 < current["progress"]["percent"] <= 100
+    assert "valAccuracy" in current["metrics"]
+
+
+def test_two_replicas_never_both_act(kubectl, namespace, operator_factory, datasets,
+                                     cluster_env):
+    s3_secret(kubectl, namespace, cluster_env)
+    first = operator_factory([namespace]).wait_leader()
+    second = operator_factory([namespace])
+    wait_for(lambda: second.alive() and second.metric("finetune_operator_leader") == 0,
+             timeout=60, message="the second replica to serve metrics as a follower")
+    apply(kubectl, finetunejob("led", namespace, datasets["fashion-mnist"], suspend=True))
+    wait_phase(kubectl, namespace, "led", "Suspended", timeout=60)
+    assert first.metric("finetune_operator_reconciliations_total", result="success") >= 1
+    assert not second.metric("finetune_operator_reconciliations_total", result="success")
+    first.stop(signal.SIGKILL)
+    second.wait_leader(timeout=30)
+    kubectl("patch", "ftj", "led", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"suspend":false}}')
+    wait_phase(kubectl, namespace, "led", "Succeeded", timeout=300)
+    assert len(objects(kubectl, "jobs", namespace)) == 1
