@@ -255,6 +255,10 @@ def test_preflight_class_emptied_by_corrupt_images(s3, tmp_path):
         s3.uploader.write_bytes(uri + f"train/dog/{index:03d}.png", b"garbage")
     error = _failure(s3, uri, minImagesPerClass=3, maxCorruptFraction=0.5)
     assert "at least 3 readable training images: 'dog' has 2" in error.message
+    for index in range(2, 4):
+        s3.uploader.write_bytes(uri + f"train/dog/{index:03d}.png", b"garbage")
+    error = _failure(s3, uri, minImagesPerClass=1, maxCorruptFraction=0.6)
+    assert "at least 2 readable training images: 'dog' has 0" in error.message
 
 
 def test_wrong_credentials_fail_before_any_download(s3, tmp_path, monkeypatch):

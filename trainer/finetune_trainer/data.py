@@ -100,7 +100,8 @@ def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
         candidates, missing = _image_folder_candidates(uri, objects, skipped), 0
     classes = _check_classes(candidates, uri, spec["format"])
     has_val_split = any(c.split == "val" for c in candidates)
-    _check_counts(candidates, spec["minImagesPerClass"], has_val_split, after_checks=False)
+    _check_counts(candidates, classes, spec["minImagesPerClass"], has_val_split,
+                  after_checks=False)
 
     local_paths, transfer = _fetch_and_verify(candidates, store, uri, cache_dir, max_workers)
     readable = []
@@ -119,7 +120,7 @@ def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
             f"{corrupt} of {total_images} images cannot be read, more than maxCorruptFraction "
             f"{spec['maxCorruptFraction']}: {', '.join(bad[:_EXAMPLES_SHOWN])}"
             f"{' ...' if len(bad) > _EXAMPLES_SHOWN else ''}", "spec.dataset.maxCorruptFraction")
-    _check_counts([c for c, _ in readable], spec["minImagesPerClass"], has_val_split,
+    _check_counts([c for c, _ in readable], classes, spec["minImagesPerClass"], has_val_split,
                   after_checks=True)
 
     label_of = {name: index for index, name in enumerate(classes)}
@@ -248,13 +249,13 @@ def _check_classes(candidates: list[_Candidate], uri: str, layout: str) -> list[
     return train_classes
 
 
-def _check_counts(candidates: list[_Candidate], minimum: int, has_val_split: bool, *,
-                  after_checks: bool) -> None:
+def _check_counts(candidates: list[_Candidate], classes: list[str], minimum: int,
+                  has_val_split: bool, *, after_checks: bool) -> None:
     readable = " readable" if after_checks else ""
     train_counts = Counter(c.class_name for c in candidates if c.split == "train")
     # Without a val/ split the held-out images come out of train/, so each class needs two.
     needed = max(minimum, 1 if has_val_split else 2)
-    short = sorted((name, count) for name, count in train_counts.items() if count < needed)
+    short = [(name, train_counts[name]) for name in classes if train_counts[name] < needed]
     if short:
         listed = ", ".join(f"{name!r} has {count}" for name, count in short)
         raise TrainerError(ExitCode.INVALID_DATA,
@@ -262,7 +263,7 @@ def _check_counts(candidates: list[_Candidate], minimum: int, has_val_split: boo
                            f"{listed}", "spec.dataset.minImagesPerClass")
     if has_val_split:
         val_counts = Counter(c.class_name for c in candidates if c.split == "val")
-        empty = sorted(name for name in train_counts if not val_counts[name])
+        empty = [name for name in classes if not val_counts[name]]
         if empty:
             raise TrainerError(ExitCode.INVALID_DATA,
                                f"val/ has no{readable} images of class "
@@ -299,7 +300,7 @@ def _fetch_and_verify(candidates: list[_Candidate], store: ObjectStore, uri: str
     def fetch(candidate: _Candidate) -> tuple[Path | None, str | None]:
         info = candidate.info
         if namespace_dir is None:
-            path = local_path(info.uri)
+            path = local_path(uri) / info.key
         else:
             object_key = info.uri[len("s3://"):].split("/", 1)[1]
             if any(part in ("", ".", "..") for part in object_key.split("/")):
