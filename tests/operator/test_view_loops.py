@@ -1,0 +1,57 @@
+from datetime import datetime, timedelta, timezone
+
+from finetune_operator.loops import expired, metrics_url
+from finetune_operator.view import ClusterView
+
+from operator_factories import FTJ_UID, finetunejob, job, pod, running_state
+
+
+def test_metrics_url_is_pod_ip_and_the_metrics_container_port():
+    running = pod(phase="Running", state=running_state(), pod_ip="10.1.2.3")
+    assert metrics_url(running) == "http://10.1.2.3:9400/metrics"
+    v6 = pod(phase="Running", state=running_state(), pod_ip="fd00::7")
+    assert metrics_url(v6) == "http://[fd00::7]:9400/metrics"
+    assert metrics_url(pod(phase="Pending", pod_ip="10.1.2.3")) is None
+    assert metrics_url(pod(phase="Running", state=running_state())) is None
+
+
+def test_ttl_counts_from_completion():
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+    done = {"phase": "Succeeded", "completionTime": "2026-11-28T11:59:50Z"}
+    assert expired(finetunejob(status=done, ttlSecondsAfterFinished=10), now)
+    assert not expired(finetunejob(status=done, ttlSecondsAfterFinished=11), now)
+    assert not expired(finetunejob(status=done), now + timedelta(days=365))
+    running = {"phase": "Running"}
+    assert not expired(finetunejob(status=running, ttlSecondsAfterFinished=0), now)
+
+
+def test_view_keys_children_by_their_owners_and_ignores_strangers():
+    view = ClusterView()
+    assert view.put_job(job()) == ("team-a", "flowers")
+    assert view.job("team-a", "flowers", FTJ_UID)["metadata"]["name"] == "flowers-trainer"
+    assert view.job("team-a", "flowers", "another-uid") is None  # a FineTuneJob re-created with that name
+    assert view.put_pod(pod()) == ("team-a", "flowers")
+    assert [p["metadata"]["name"] for p in view.pods(job())] == ["flowers-trainer-abcde"]
+    stranger = pod(name="x")
+    stranger["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    view.put_pod(stranger)
+    assert len(view.pods(job())) == 1
+    view.put_pod(pod(), deleted=True)
+    assert view.pods(job()) == []
+    orphan = job()
+    orphan["metadata"]["ownerReferences"] = []
+    assert view.put_job(orphan) is None
+    view.put_job(job(), deleted=True)
+    assert view.job("team-a", "flowers", FTJ_UID) is None
+
+
+def test_view_drops_what_status_derivation_does_not_read():
+    view = ClusterView()
+    body = pod(phase="Running", state=running_state(), pod_ip="10.0.0.1")
+    body["metadata"]["managedFields"] = [{"manager": "kubelet"}] * 10
+    body["spec"]["containers"][0]["env"] = [{"name": "X", "value": "y" * 1000}]
+    view.put_pod(body)
+    kept = view.pods(job())[0]
+    assert "managedFields" not in kept["metadata"]
+    assert kept["spec"]["containers"][0] == {"name": "trainer", "ports": body["spec"]["containers"][0]["ports"]}
+    assert metrics_url(kept) == "http://10.0.0.1:9400/metrics"
