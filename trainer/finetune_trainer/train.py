@@ -1,0 +1,405 @@
+"""The training run, top to bottom: `train_one_epoch`, `evaluate`, `load_data`, `fine_tune`,
+`linear_probe`, `main`. Modelled on torchvision's references/classification/train.py; the policy
+(freeze, learning rates, schedule) lives in policy.py, the backbones in models.py."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune_api.contract import ExitCode
+from finetune_api.validation import SpecError, validate_manifest
+from finetune_trainer import baseline as baseline_module
+from finetune_trainer import linear_probe as probe
+from finetune_trainer import policy
+from finetune_trainer.checkpoint import (Checkpoints, checkpoint_uri, job_identity,
+                                         restore_rng_state, rng_state)
+from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.metrics import TrainerMetrics
+from finetune_trainer.models import build_model
+from finetune_trainer.preflight import check_preflight
+from finetune_trainer.report import classification_summary, write_outputs
+from finetune_trainer.storage import join_uri, open_store
+from finetune_trainer.strategy import choose_strategy
+
+
+@dataclass
+class Device:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+
+def pick_device(precision: str, channels_last: bool) -> Device:
+    if not torch.cuda.is_available():
+        return Device(torch.device("cpu"), torch.bfloat16 if precision == "BF16" else None, False)
+    bf16 = precision == "BF16" or (precision == "Auto" and torch.cuda.is_bf16_supported())
+    return Device(torch.device("cuda"), torch.bfloat16 if bf16 else None, channels_last)
+
+
+def _to_device(images: torch.Tensor, run: Device) -> torch.Tensor:
+    images = images.to(run.device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if run.channels_last else images
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    data_wait_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, loader, run: Device, *, frozen_norms: list[nn.Module] = (),
+                    metrics: TrainerMetrics | None = None) -> EpochStats:
+    policy.set_train_mode(model, list(frozen_norms))
+    total_loss, images_seen, data_wait = 0.0, 0, 0.0
+    started = step_started = time.perf_counter()
+    for images, targets in loader:
+        waited = time.perf_counter() - step_started
+        images, targets = _to_device(images, run), targets.to(run.device, non_blocking=True)
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(targets)
+        images_seen += len(targets)
+        data_wait += waited
+        if metrics is not None:
+            metrics.step_done(seconds=time.perf_counter() - step_started, data_wait_seconds=waited,
+                              learning_rates=policy.group_learning_rates(optimizer))
+        step_started = time.perf_counter()
+    return EpochStats(loss=total_loss / max(1, images_seen), images=images_seen,
+                      seconds=time.perf_counter() - started, data_wait_seconds=data_wait)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    targets: np.ndarray
+    predictions: np.ndarray
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader, run: Device) -> Evaluation:
+    model.eval()
+    total_loss, targets_seen, predictions = 0.0, [], []
+    for images, targets in loader:
+        images, targets = _to_device(images, run), targets.to(run.device, non_blocking=True)
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            logits = model(images)
+        total_loss += criterion(logits.float(), targets).item() * len(targets)
+        targets_seen.append(targets.cpu().numpy())
+        predictions.append(logits.argmax(dim=1).cpu().numpy())
+    targets_all = np.concatenate(targets_seen) if targets_seen else np.zeros(0, dtype=np.int64)
+    predictions_all = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+    accuracy = float((targets_all == predictions_all).mean()) if len(targets_all) else 0.0
+    return Evaluation(loss=total_loss / max(1, len(targets_all)), accuracy=accuracy,
+                      targets=targets_all, predictions=predictions_all)
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    train_eval: torch.utils.data.DataLoader  # training images without augmentation, in order
+
+
+def load_data(dataset, *, image_size: int, augmentation: str, batch_size: int, workers: int,
+              run: Device, seed: int) -> Loaders:
+    eval_transform = build_transform(augmentation, image_size, train=False)
+    common = {"batch_size": batch_size, "num_workers": workers,
+              "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
+    train = torch.utils.data.DataLoader(
+        ImageDataset(dataset.train, build_transform(augmentation, image_size, train=True)),
+        shuffle=True, generator=torch.Generator().manual_seed(seed),
+        # A last batch of one image breaks BatchNorm in training mode.
+        drop_last=len(dataset.train) > batch_size, **common)
+    val = torch.utils.data.DataLoader(ImageDataset(dataset.val, eval_transform), **common)
+    train_eval = torch.utils.data.DataLoader(ImageDataset(dataset.train, eval_transform), **common)
+    return Loaders(train=train, val=val, train_eval=train_eval)
+
+
+@dataclass
+class TrainingResult:
+    final: Evaluation
+    history: list[dict] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    best_epoch: int = 0
+    resumed_from_epoch: int | None = None
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+class EarlyStopping:
+    """Counts epochs without improvement of the watched metric by more than min_delta."""
+
+    def __init__(self, settings: dict | None):
+        self.settings = settings
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def update(self, evaluation: Evaluation) -> bool:
+        """Record an epoch; True when training should stop."""
+        if not self.settings:
+            return False
+        value = evaluation.accuracy if self.settings["metric"] == "ValAccuracy" else -evaluation.loss
+        if self.best is None or value > self.best + self.settings["minDelta"]:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.settings["patience"]
+
+
+def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, strategy: str,
+              reason: str, checkpoints: Checkpoints, classes: list[str],
+              metrics: TrainerMetrics, log=print) -> TrainingResult:
+    """FineTune or FromScratch: the epoch loop with gradual unfreezing, checkpoints every
+    spec.checkpoint.everyEpochs epochs, resume from the latest valid checkpoint, early stopping."""
+    epochs, pretrained = spec["epochs"], strategy != "FromScratch"
+    freeze = spec["freeze"] if pretrained else {"policy": "None", "batchNorm": "Trainable"}
+    stages = policy.model_stages(model)
+    model.to(run.device)
+    if run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = policy.build_optimizer(
+        policy.parameter_groups(model, stages, spec["optimizer"], pretrained=pretrained),
+        spec["optimizer"])
+    steps_per_epoch = len(loaders.train)
+    scheduler = policy.build_scheduler(optimizer, spec["schedule"], steps_per_epoch=steps_per_epoch,
+                                       epochs=epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=spec["labelSmoothing"])
+    forward = torch.compile(model) if spec["compile"] else model
+    result = TrainingResult(final=None)
+    early_stopping = EarlyStopping(spec.get("earlyStopping"))
+    start_epoch = 0
+
+    loaded = checkpoints.load_latest()
+    if loaded is not None:
+        state = loaded.state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_epoch = result.resumed_from_epoch = state["epoch"]
+        result.history = list(state["history"])
+        result.best_val_accuracy, result.best_epoch = state["bestValAccuracy"], state["bestEpoch"]
+        result.train_seconds = state["trainSeconds"]
+        early_stopping.best, early_stopping.bad_epochs = state["earlyStopping"]
+        log(f"resumed from {loaded.uri}: {start_epoch} of {epochs} epochs done")
+    metrics.start(backbone=spec["model"]["backbone"], strategy=strategy, reason=reason,
+                  planned_epochs=epochs,
+                  planned_steps=steps_per_epoch * epochs, steps_done=steps_per_epoch * start_epoch,
+                  epochs_done=start_epoch)
+
+    for epoch in range(start_epoch, epochs):
+        frozen_count = policy.frozen_stage_count(freeze, len(stages.stages), epoch)
+        frozen_norms = policy.apply_freeze(model, stages, frozen_count, freeze["batchNorm"])
+        # The same shuffle for an epoch whether or not the run was resumed before it.
+        loaders.train.generator.manual_seed(spec["seed"] + epoch)
+        stats = train_one_epoch(forward, criterion, optimizer, scheduler, loaders.train, run,
+                                frozen_norms=frozen_norms, metrics=metrics)
+        evaluation = evaluate(forward, criterion, loaders.val, run)
+        result.train_seconds += stats.seconds
+        if evaluation.accuracy > result.best_val_accuracy or not result.history:
+            result.best_val_accuracy, result.best_epoch = evaluation.accuracy, epoch + 1
+        result.history.append({
+            "epoch": epoch + 1, "trainLoss": stats.loss, "valLoss": evaluation.loss,
+            "valAccuracy": evaluation.accuracy, "frozenStages": frozen_count,
+            "learningRates": policy.group_learning_rates(optimizer),
+            "imagesPerSecond": stats.images_per_second, "seconds": stats.seconds,
+            "dataWaitSeconds": stats.data_wait_seconds})
+        metrics.epoch_done(epoch=epoch + 1, train_loss=stats.loss, val_accuracy=evaluation.accuracy,
+                           best_val_accuracy=result.best_val_accuracy,
+                           images_per_second=stats.images_per_second)
+        log(f"epoch {epoch + 1}/{epochs}  train loss {stats.loss:.4f}  val loss "
+            f"{evaluation.loss:.4f}  val accuracy {evaluation.accuracy:.4f}  "
+            f"{stats.images_per_second:.1f} images/s")
+        result.final = evaluation
+        stop = early_stopping.update(evaluation)
+        if (epoch + 1) % spec["checkpoint"]["everyEpochs"] == 0 or epoch + 1 == epochs or stop:
+            uri = checkpoints.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "classes": classes,
+                "history": result.history, "bestValAccuracy": result.best_val_accuracy,
+                "bestEpoch": result.best_epoch, "trainSeconds": result.train_seconds,
+                "earlyStopping": (early_stopping.best, early_stopping.bad_epochs),
+                "rng": rng_state()}, epoch + 1)
+            metrics.checkpoint_epoch.set(epoch + 1)
+            log(f"checkpoint {uri}")
+        if stop:
+            result.stopped_early = True
+            log(f"early stopping: no improvement of {spec['earlyStopping']['metric']} for "
+                f"{early_stopping.bad_epochs} epochs")
+            break
+
+    if result.final is None:  # every epoch was already done before a restart
+        result.final = evaluate(forward, criterion, loaders.val, run)
+    trained_images = sum(h["imagesPerSecond"] * h["seconds"] for h in result.history)
+    result.images_per_second = trained_images / result.train_seconds if result.train_seconds else 0
+    return result
+
+
+def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
+                 cache_dir: Path | None, classes: list[str], metrics: TrainerMetrics,
+                 reason: str, log=print) -> TrainingResult:
+    """Frozen features (cached by weights and images) and a cross-validated linear classifier,
+    installed as the model's head."""
+    metrics.start(backbone=spec["model"]["backbone"], strategy="LinearProbe", reason=reason,
+                  planned_epochs=1, planned_steps=0)
+    model.to(run.device)
+    started = time.perf_counter()
+    image_size = spec["model"]["imageSize"]
+    features = {}
+    for split, loader in (("train", loaders.train_eval), ("val", loaders.val)):
+        key = probe.features_cache_key(model, loader.dataset.samples, image_size=image_size)
+        features[split] = probe.cached_features(
+            cache_dir, key, lambda: probe.extract_features(model, loader, run.device,
+                                                           run.autocast_dtype))
+    feature_seconds = time.perf_counter() - started
+    settings = spec["linearProbe"]
+    fitted = probe.fit_linear_probe(*features["train"], *features["val"], num_classes=len(classes),
+                                    classifier=settings["classifier"],
+                                    cv_folds=settings["cvFolds"], seed=spec["seed"])
+    probe.install_head(model, fitted.weight, fitted.bias)
+    seconds = time.perf_counter() - started
+    images = len(features["train"][1]) + len(features["val"][1])
+    log(f"linear probe ({fitted.classifier}, C={fitted.c}, {fitted.cv_folds}-fold CV): val "
+        f"accuracy {fitted.val_accuracy:.4f}")
+    final = Evaluation(loss=float("nan"), accuracy=fitted.val_accuracy,
+                       targets=features["val"][1], predictions=fitted.val_predictions)
+    metrics.epoch_done(epoch=1, train_loss=float("nan"), val_accuracy=fitted.val_accuracy,
+                       best_val_accuracy=fitted.val_accuracy,
+                       images_per_second=images / feature_seconds if feature_seconds else 0)
+    return TrainingResult(final=final, best_val_accuracy=fitted.val_accuracy, best_epoch=1,
+                          train_seconds=seconds,
+                          images_per_second=images / feature_seconds if feature_seconds else 0,
+                          history=[{"epoch": 1, "valAccuracy": fitted.val_accuracy,
+                                    "seconds": seconds}],
+                          details={"linearProbe": probe.describe(fitted)})
+
+
+def resolve_spec(manifest: dict, *, output_uri: str | None = None,
+                 epochs: int | None = None) -> dict:
+    """The validated spec with defaults, after command-line overrides."""
+    document = copy.deepcopy(manifest)
+    spec = document.get("spec", document) if isinstance(document, dict) else document
+    if isinstance(spec, dict):
+        if output_uri is not None:
+            spec.setdefault("output", {})["uri"] = output_uri
+        if epochs is not None:
+            spec["epochs"] = epochs
+    try:
+        return validate_manifest(document)
+    except SpecError as error:
+        first_field = error.problems[0].split(":", 1)[0]
+        raise TrainerError(ExitCode.INVALID_SPEC, "; ".join(error.problems), first_field) from error
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = None,
+         cache_dir: Path | None = None, metrics: TrainerMetrics | None = None,
+         log=print) -> dict[str, Any]:
+    """Run one FineTuneJob manifest (or bare spec) to completion; returns the report."""
+    started = time.perf_counter()
+    spec = resolve_spec(manifest, output_uri=output_uri, epochs=epochs)
+    check_preflight(spec)
+    metadata = manifest.get("metadata", {}) if "spec" in manifest else {}
+    metrics = metrics or TrainerMetrics()
+    identity = job_identity(metadata, spec)
+    store = open_store(spec["dataset"].get("s3"))
+    seed_everything(spec["seed"])
+    run = pick_device(spec["precision"], spec["channelsLast"])
+    cache_dir = Path(cache_dir) if cache_dir else None
+
+    dataset = prepare_dataset(spec["dataset"], seed=spec["seed"],
+                              cache_dir=cache_dir or Path.home() / ".cache" / "finetune",
+                              store=store)
+    data_seconds = time.perf_counter() - started
+    strategy, reason = choose_strategy(spec["strategy"], train_images=len(dataset.train),
+                                       weights=spec["model"]["weights"])
+    log(f"{len(dataset.train)} training and {len(dataset.val)} validation images in "
+        f"{len(dataset.classes)} classes; strategy {strategy} ({reason}); device "
+        f"{run.device.type}, {'bf16' if run.autocast_dtype else 'fp32'}")
+    model = build_model(spec["model"], len(dataset.classes), store=store,
+                        load_weights=strategy != "FromScratch")
+
+    baseline_result = None
+    if spec["baseline"]["enabled"]:
+        baseline_result = baseline_module.pixel_baseline(dataset.train, dataset.val,
+                                                         seed=spec["seed"])
+        metrics.baseline_accuracy.set(baseline_result.accuracy)
+        log(f"baseline ({baseline_result.method}): val accuracy {baseline_result.accuracy:.4f}")
+
+    loaders = load_data(dataset, image_size=spec["model"]["imageSize"],
+                        augmentation=spec["augmentation"], batch_size=spec["batchSize"],
+                        workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"])
+    if strategy == "LinearProbe":
+        result = linear_probe(model, loaders, spec, run, cache_dir=cache_dir,
+                              classes=dataset.classes, metrics=metrics, reason=reason, log=log)
+    else:
+        checkpoints = Checkpoints(store, checkpoint_uri(spec), identity,
+                                  keep=spec["checkpoint"]["keep"], log=log)
+        result = fine_tune(model, loaders, spec, run, strategy=strategy, reason=reason,
+                           checkpoints=checkpoints, classes=dataset.classes, metrics=metrics,
+                           log=log)
+    metrics.finished()
+
+    report = {
+        "status": "Running", "job": identity, "backbone": spec["model"]["backbone"],
+        "library": spec["model"]["library"], "weights": spec["model"]["weights"],
+        "imageSize": spec["model"]["imageSize"], "strategy": strategy, "strategyReason": reason,
+        "seed": spec["seed"], "device": run.device.type,
+        "precision": "bf16" if run.autocast_dtype else "fp32",
+        "dataset": {"uri": spec["dataset"]["uri"], "classes": dataset.classes,
+                    "trainImages": len(dataset.train), "valImages": len(dataset.val),
+                    "skippedImages": len(dataset.skipped),
+                    "skipped": [list(item) for item in dataset.skipped[:20]]},
+        "epochs": {"planned": spec["epochs"] if strategy != "LinearProbe" else 1,
+                   "completed": len(result.history)},
+        "resumedFromEpoch": result.resumed_from_epoch, "stoppedEarly": result.stopped_early,
+        "history": result.history, "valAccuracy": result.final.accuracy,
+        "bestValAccuracy": result.best_val_accuracy, "bestEpoch": result.best_epoch,
+        **classification_summary(result.final.targets, result.final.predictions, dataset.classes),
+        "baseline": ({"enabled": True, "accuracy": baseline_result.accuracy,
+                      "method": baseline_result.method, "seconds": baseline_result.seconds}
+                     if baseline_result else {"enabled": False}),
+        "transferBeatBaseline": (result.final.accuracy > baseline_result.accuracy
+                                 if baseline_result else None),
+        "imagesPerSecond": result.images_per_second,
+        **result.details,
+    }
+    report["timings"] = {"dataSeconds": data_seconds, "trainSeconds": result.train_seconds,
+                         "totalSeconds": time.perf_counter() - started}
+    write_outputs(store, spec["output"]["uri"], model, classes=dataset.classes,
+                  image_size=spec["model"]["imageSize"], report=report, log=log)
+    log(f"val accuracy {result.final.accuracy:.4f} (best {result.best_val_accuracy:.4f}"
+        + (f", baseline {baseline_result.accuracy:.4f}" if baseline_result else "")
+        + f"); model {report['outputs']['modelUri']}; report {report['outputs']['reportUri']}")
+    return report
