@@ -160,10 +160,13 @@ def freeze_schema() -> Schema:
         },
         default={},
         **{"x-kubernetes-validations": [
-            {"rule": "self.policy == 'FirstStages' ? has(self.stages) : !has(self.stages)",
+            # has(self.policy): the API server also checks these rules against the default {}
+            # itself, before the field defaults inside it apply.
+            {"rule": "has(self.policy) && self.policy == 'FirstStages' ? has(self.stages) "
+                     ": !has(self.stages)",
              "message": "freeze.stages is required with policy FirstStages and not allowed with "
                         "other policies", "fieldPath": ".stages"},
-            {"rule": "!has(self.unfreezeAtEpoch) || self.policy != 'None'",
+            {"rule": "!has(self.unfreezeAtEpoch) || (has(self.policy) && self.policy != 'None')",
              "message": "freeze.unfreezeAtEpoch needs a policy that freezes something",
              "fieldPath": ".unfreezeAtEpoch"},
         ]},
