@@ -206,7 +206,8 @@ main() {
   build_kubernetes
   build_etcd
   go_install kwok "$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-  go_install versitygw "$VERSITYGW_VERSION" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  go_install versitygw "$VERSITYGW_VERSION" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" \
+    "-X main.Version=$VERSITYGW_VERSION"
   log "all cluster binaries ready in $BIN ($(elapsed "$started"))"
 }
 

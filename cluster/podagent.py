@@ -1,0 +1,688 @@
+"""A minimal stand-in for the kubelet that runs trainer pods of the local cluster as local processes.
+
+The local cluster has no kubelet and no container runtime: kwok plays the lifecycle of ordinary pods.
+Pods labelled ``finetune.dev/component=trainer`` are left alone by kwok's stages; once the scheduler
+has bound one (``spec.nodeName`` set), this agent runs its first container as a process on this
+machine and writes the pod's status back, so the Job controller, the operator and the tests see a
+real exit code and termination message.
+
+What it does, per pod:
+
+* argv is ``command + args`` (with ``$(VAR)`` expansion). Without a command, ``args`` is the argv
+  (there is no image entrypoint to fall back on). ``python``/``python3`` as argv[0] is this agent's
+  interpreter (the project's virtual environment); other names are looked up on PATH.
+* environment: ``envFrom`` and ``env`` resolved like the kubelet does (values, Secret and
+  ConfigMap keys, ``fieldRef`` on metadata.name/namespace/uid/labels/annotations, spec.nodeName,
+  spec.serviceAccountName, status.podIP/hostIP). A missing non-optional key leaves the pod Pending
+  with ``CreateContainerConfigError`` and is retried. On top of the spec, the agent sets PATH, HOME,
+  LANG, TMPDIR, HOSTNAME, and:
+
+  - ``FINETUNE_METRICS_PORT``: a free loopback port for this pod (overrides the spec's value); the
+    pod is listed as ``127.0.0.1:<port>`` in the Prometheus file_sd file (labels ``namespace``,
+    ``pod``, ``finetunejob`` from the pod label ``finetune.dev/job``) and in ``ports.json``.
+  - ``FINETUNE_TERMINATION_LOG``: a file whose first 4096 bytes become the container's
+    ``state.terminated.message`` (the kubelet's ``/dev/termination-log``).
+  - ``KUBERNETES_SERVICE_HOST``/``PORT``: the local API server.
+
+* volumes: ConfigMap, Secret, emptyDir, downwardAPI and projected (configMap, secret, downwardAPI,
+  serviceAccountToken) volumes are written into ``<state>/pods/<ns>_<name>_<uid>/volumes/<name>``.
+  A mount is a symlink at ``<poddir>/root/<mountPath>``; as there is no chroot, every occurrence of
+  a mountPath at a path boundary in command, args, env values and workingDir is rewritten to the
+  materialised path. The working directory is workingDir (rewritten) or ``<poddir>/root``.
+* restartPolicy: Never ends the pod Succeeded/Failed; OnFailure/Always restart the process with a
+  back-off, counting restartCount.
+* deletion: SIGTERM to the process group, SIGKILL after the grace period, then the pod object is
+  deleted with grace period 0 (as the kubelet would confirm).
+* stdout and stderr go to ``<state>/logs/<ns>_<pod>.log`` (kept after the pod is gone).
+
+What it does not do: pull or use images (the command runs in this machine's environment), isolate
+resources (no cgroups, GPU requests are only scheduling), run init or sidecar containers, probes,
+or more than the first container, or serve ``kubectl logs``/``exec``. If the agent restarts, pods
+it was running are marked Failed (it cannot re-attach to their processes).
+
+    python cluster/podagent.py --kubeconfig K --state-dir D --targets-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+TRAINER_SELECTOR = "finetune.dev/component=trainer"
+JOB_LABEL = "finetune.dev/job"
+TERMINATION_MESSAGE_LIMIT = 4096
+POD_IP = "127.0.0.1"
+log = logging.getLogger("podagent")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class ConfigError(Exception):
+    """The container cannot be configured yet (missing Secret/ConfigMap key): kubelet retries."""
+
+
+# --------------------------------------------------------------------------------------------
+# Turning a pod spec into a local process
+
+
+class PodSpecResolver:
+    """Resolves env and volumes of one pod against the API, the way the kubelet does."""
+
+    def __init__(self, api: client.CoreV1Api, pod: dict, poddir: Path):
+        self.api = api
+        self.pod = pod
+        self.namespace = pod["metadata"]["namespace"]
+        self.poddir = poddir
+        self._cache: dict[tuple[str, str], dict[str, str] | None] = {}
+
+    def _source(self, kind: str, name: str) -> dict[str, str] | None:
+        """Data of a Secret (decoded) or ConfigMap, or None when it does not exist."""
+        key = (kind, name)
+        if key not in self._cache:
+            try:
+                if kind == "secret":
+                    obj = self.api.read_namespaced_secret(name, self.namespace)
+                    data = {k: base64.b64decode(v).decode() for k, v in (obj.data or {}).items()}
+                else:
+                    obj = self.api.read_namespaced_config_map(name, self.namespace)
+                    data = dict(obj.data or {})
+                self._cache[key] = data
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                self._cache[key] = None
+        return self._cache[key]
+
+    def _key(self, kind: str, ref: dict) -> str | None:
+        data = self._source(kind, ref["name"])
+        if data is None or ref["key"] not in data:
+            if ref.get("optional"):
+                return None
+            what = "secret" if kind == "secret" else "configmap"
+            missing = f'{what} "{ref["name"]}" not found' if data is None else \
+                f'couldn\'t find key {ref["key"]} in {"Secret" if kind == "secret" else "ConfigMap"} {self.namespace}/{ref["name"]}'
+            raise ConfigError(missing)
+        return data[ref["key"]]
+
+    def field(self, path: str) -> str:
+        meta, spec, status = self.pod["metadata"], self.pod["spec"], self.pod.get("status") or {}
+        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+        if m:
+            return (meta.get(m.group(1)) or {}).get(m.group(2), "")
+        if path in ("metadata.labels", "metadata.annotations"):
+            items = meta.get(path.split(".")[1]) or {}
+            return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
+        values = {
+            "metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"], "spec.nodeName": spec.get("nodeName", ""),
+            "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+            "status.podIP": POD_IP, "status.hostIP": status.get("hostIP") or POD_IP,
+            "status.podIPs": POD_IP, "status.hostIPs": POD_IP,
+        }
+        if path not in values:
+            raise ConfigError(f"unsupported fieldRef {path}")
+        return values[path]
+
+    def env(self, container: dict) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            for kind, ref_key in (("configmap", "configMapRef"), ("secret", "secretRef")):
+                ref = source.get(ref_key)
+                if not ref:
+                    continue
+                data = self._source(kind, ref["name"])
+                if data is None:
+                    if ref.get("optional"):
+                        continue
+                    raise ConfigError(f'{"secret" if kind == "secret" else "configmap"} "{ref["name"]}" not found')
+                env.update({prefix + k: v for k, v in data.items()})
+        for item in container.get("env") or []:
+            value_from = item.get("valueFrom")
+            if not value_from:
+                env[item["name"]] = expand(item.get("value", ""), env)
+            elif "secretKeyRef" in value_from:
+                value = self._key("secret", value_from["secretKeyRef"])
+                if value is not None:
+                    env[item["name"]] = value
+            elif "configMapKeyRef" in value_from:
+                value = self._key("configmap", value_from["configMapKeyRef"])
+                if value is not None:
+                    env[item["name"]] = value
+            elif "fieldRef" in value_from:
+                env[item["name"]] = self.field(value_from["fieldRef"]["fieldPath"])
+            elif "resourceFieldRef" in value_from:
+                ref = value_from["resourceFieldRef"]
+                kind, _, resource = ref["resource"].partition(".")
+                resources = (container.get("resources") or {}).get(kind) or {}
+                env[item["name"]] = str(resources.get(resource, "0"))
+        return env
+
+    # --- volumes
+
+    def volumes(self) -> dict[str, Path]:
+        """Materialise every volume; returns volume name -> local directory."""
+        paths = {}
+        for volume in self.pod["spec"].get("volumes") or []:
+            target = self.poddir / "volumes" / volume["name"]
+            target.mkdir(parents=True, exist_ok=True)
+            if "emptyDir" in volume:
+                pass
+            elif "configMap" in volume:
+                self._write_source(target, "configmap", volume["configMap"])
+            elif "secret" in volume:
+                self._write_source(target, "secret", {**volume["secret"], "name": volume["secret"]["secretName"]})
+            elif "downwardAPI" in volume:
+                self._write_downward(target, volume["downwardAPI"].get("items") or [])
+            elif "projected" in volume:
+                for source in volume["projected"].get("sources") or []:
+                    if "configMap" in source:
+                        self._write_source(target, "configmap", source["configMap"])
+                    elif "secret" in source:
+                        self._write_source(target, "secret", source["secret"])
+                    elif "downwardAPI" in source:
+                        self._write_downward(target, source["downwardAPI"].get("items") or [])
+                    elif "serviceAccountToken" in source:
+                        self._write_token(target, source["serviceAccountToken"])
+            else:
+                log.warning("%s: volume %s has an unsupported type; mounted as an empty directory",
+                            self.namespace, volume["name"])
+            paths[volume["name"]] = target
+        return paths
+
+    def _write_source(self, target: Path, kind: str, ref: dict) -> None:
+        data = self._source(kind, ref["name"])
+        if data is None:
+            if ref.get("optional"):
+                return
+            raise ConfigError(f'{"secret" if kind == "secret" else "configmap"} "{ref["name"]}" not found')
+        items = ref.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            if item["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                raise ConfigError(f'key {item["key"]} not found in {ref["name"]}')
+            path = target / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(data[item["key"]])
+
+    def _write_downward(self, target: Path, items: list[dict]) -> None:
+        for item in items:
+            if "fieldRef" in item:
+                path = target / item["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.field(item["fieldRef"]["fieldPath"]))
+
+    def _write_token(self, target: Path, source: dict) -> None:
+        """A real bound token from the TokenRequest API, so in-pod API calls authenticate."""
+        meta = self.pod["metadata"]
+        request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=[source["audience"]] if source.get("audience") else [],
+            expiration_seconds=source.get("expirationSeconds", 3600),
+            bound_object_ref=client.V1BoundObjectReference(
+                kind="Pod", api_version="v1", name=meta["name"], uid=meta["uid"])))
+        try:
+            token = self.api.create_namespaced_service_account_token(
+                self.pod["spec"].get("serviceAccountName") or "default", meta["namespace"], request)
+            (target / source.get("path", "token")).write_text(token.status.token)
+        except ApiException as error:
+            raise ConfigError(f"service account token: {error.reason}") from error
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: defined variables are replaced, $$ escapes, others stay."""
+    def replace(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, value)
+
+
+def path_rewriter(mounts: list[tuple[str, Path]]):
+    """A function replacing each mountPath, at a path boundary, with its materialised path."""
+    mounts = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
+    patterns = [(re.compile(r"(?<![\w.\-/])" + re.escape(mount.rstrip("/")) + r"(?=/|$|[^\w.\-])"), str(local))
+                for mount, local in mounts if mount.rstrip("/")]
+
+    def rewrite(value: str) -> str:
+        for pattern, local in patterns:
+            value = pattern.sub(lambda _: local, value)
+        return value
+    return rewrite
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+
+
+class PodRunner(threading.Thread):
+    """Runs one pod: configure, start, wait, report; restarts per restartPolicy; stops on delete."""
+
+    def __init__(self, agent: "Agent", pod: dict):
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.agent = agent
+        self.pod = pod
+        self.key = f"{meta['namespace']}/{meta['name']}"
+        self.uid = meta["uid"]
+        self.poddir = agent.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{self.uid[:8]}"
+        self.deleting = threading.Event()
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    # --- status
+
+    def write_status(self, status: dict) -> None:
+        meta = self.pod["metadata"]
+        api = self.agent.api
+        for _ in range(10):
+            try:
+                current = api.read_namespaced_pod(meta["name"], meta["namespace"])
+                if current.metadata.uid != self.uid:
+                    return
+                body = api.api_client.sanitize_for_serialization(current)
+                old = body.get("status") or {}
+                scheduled = [c for c in old.get("conditions") or [] if c["type"] == "PodScheduled"]
+                conditions = scheduled + status.pop("conditions", [])
+                body["status"] = {**old, **status, "conditions": conditions}
+                api.replace_namespaced_pod_status(meta["name"], meta["namespace"], body)
+                return
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                if error.status != 409:
+                    log.warning("%s: status update failed: %s", self.key, error.reason)
+                time.sleep(0.2)
+
+    def container_base(self, container: dict) -> dict:
+        return {"name": container["name"], "image": container.get("image", ""), "imageID": "",
+                "restartCount": self.restarts}
+
+    def conditions(self, ready: bool, reason: str | None = None) -> list[dict]:
+        t = now()
+        cond = [{"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": t},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": t}]
+        for kind in ("ContainersReady", "Ready"):
+            c = {"type": kind, "status": "True" if ready else "False", "lastTransitionTime": t}
+            if reason:
+                c["reason"] = reason
+            cond.append(c)
+        return cond
+
+    def report_waiting(self, container: dict, reason: str, message: str, last: dict | None = None) -> None:
+        status = {**self.container_base(container), "ready": False, "started": False,
+                  "state": {"waiting": {"reason": reason, "message": message}}}
+        if last:
+            status["lastState"] = last
+        phase = "Running" if self.restarts else "Pending"
+        self.write_status({"phase": phase, "hostIP": POD_IP, "podIP": POD_IP,
+                           "podIPs": [{"ip": POD_IP}], "startTime": self.start_time,
+                           "conditions": self.conditions(False, "ContainersNotReady"),
+                           "containerStatuses": [status]})
+
+    # --- lifecycle
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("%s: agent error", self.key)
+        finally:
+            self.agent.forget(self)
+
+    def _run(self) -> None:
+        spec = self.pod["spec"]
+        container = spec["containers"][0]
+        policy = spec.get("restartPolicy", "Always")
+        self.restarts = 0
+        self.start_time = now()
+        last_state = None
+        backoff = 1.0
+        while not self.deleting.is_set():
+            try:
+                argv, env, cwd = self.prepare(container)
+            except ConfigError as error:
+                log.info("%s: %s", self.key, error)
+                self.report_waiting(container, "CreateContainerConfigError", str(error))
+                self.deleting.wait(3)
+                continue
+            started_at = now()
+            exit_code, message = self.execute(container, argv, env, cwd, started_at)
+            terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                          "startedAt": started_at, "finishedAt": now(),
+                          "containerID": f"podagent://{self.uid}"}
+            if message:
+                terminated["message"] = message
+            restart = policy == "Always" or (policy == "OnFailure" and exit_code != 0)
+            if self.deleting.is_set() or not restart:
+                # Like the kubelet, a deleted pod gets a terminal phase before it is removed.
+                phase = "Succeeded" if exit_code == 0 else "Failed"
+                self.write_status({
+                    "phase": phase, "hostIP": POD_IP, "podIP": POD_IP, "podIPs": [{"ip": POD_IP}],
+                    "startTime": self.start_time,
+                    "conditions": self.conditions(False, "PodCompleted"),
+                    "containerStatuses": [{**self.container_base(container), "ready": False,
+                                           "started": False, "state": {"terminated": terminated},
+                                           **({"lastState": last_state} if last_state else {})}],
+                })
+                log.info("%s: %s (exit code %d)", self.key, phase, exit_code)
+                return
+            last_state = {"terminated": terminated}
+            self.restarts += 1
+            self.report_waiting(container, "CrashLoopBackOff",
+                                f"back-off {backoff:.0f}s restarting failed container", last_state)
+            self.deleting.wait(backoff)
+            backoff = min(backoff * 2, 60)
+
+    def prepare(self, container: dict) -> tuple[list[str], dict[str, str], Path]:
+        resolver = PodSpecResolver(self.agent.api, self.pod, self.poddir)
+        volumes = resolver.volumes()
+        root = self.poddir / "root"
+        root.mkdir(parents=True, exist_ok=True)
+        mounts = []
+        for mount in container.get("volumeMounts") or []:
+            source = volumes.get(mount["name"])
+            if source is None:
+                raise ConfigError(f"volume {mount['name']} not found")
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)
+            link = root / mount["mountPath"].lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                if link.is_dir() and not link.is_symlink():
+                    shutil.rmtree(link)
+                else:
+                    link.unlink()
+            link.symlink_to(source)
+            mounts.append((mount["mountPath"], link))
+        rewrite = path_rewriter(mounts)
+
+        spec_env = {k: rewrite(v) for k, v in resolver.env(container).items()}
+        tmp = self.poddir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        self.termination_log = self.poddir / "termination-log"
+        self.termination_log.write_text("")
+        env = {
+            "PATH": self.agent.path, "HOME": os.environ.get("HOME", str(root)),
+            "LANG": os.environ.get("LANG", "C.UTF-8"), "TMPDIR": str(tmp),
+            "HOSTNAME": self.pod["metadata"]["name"],
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+            **spec_env,
+            "FINETUNE_METRICS_PORT": str(self.agent.ports.get(self.key, {}).get("port") or free_port()),
+            "FINETUNE_TERMINATION_LOG": str(self.termination_log),
+            "PYTHONUNBUFFERED": spec_env.get("PYTHONUNBUFFERED", "1"),
+        }
+        argv = [rewrite(expand(a, env)) for a in (container.get("command") or []) + (container.get("args") or [])]
+        if not argv:
+            raise ConfigError("container has no command or args (images are not available locally)")
+        if os.path.basename(argv[0]) in ("python", "python3", f"python3.{sys.version_info.minor}"):
+            argv[0] = sys.executable
+        elif "/" not in argv[0]:
+            argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
+        cwd = Path(rewrite(container["workingDir"])) if container.get("workingDir") else root
+        if container.get("workingDir") and not cwd.exists():
+            cwd = root / container["workingDir"].lstrip("/")
+            cwd.mkdir(parents=True, exist_ok=True)
+        return argv, env, cwd
+
+    def execute(self, container: dict, argv: list[str], env: dict[str, str], cwd: Path,
+                started_at: str) -> tuple[int, str]:
+        port = int(env["FINETUNE_METRICS_PORT"])
+        meta = self.pod["metadata"]
+        log_path = self.agent.logs_dir / f"{meta['namespace']}_{meta['name']}.log"
+        log.info("%s: starting %s (metrics port %d, log %s)", self.key, argv, port, log_path)
+        with open(log_path, "ab") as output:
+            output.write(f"--- podagent: {started_at} {argv}\n".encode())
+            output.flush()
+            try:
+                with self.lock:
+                    if self.deleting.is_set():
+                        return 137, "deleted before start"
+                    self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                    stdout=output, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
+            except OSError as error:
+                write_atomic(self.termination_log, str(error))
+                return 128, str(error)[:TERMINATION_MESSAGE_LIMIT]
+        pid_file = self.agent.pids_dir / str(self.process.pid)
+        pid_file.write_text(self.key)
+        self.agent.publish(self, port)
+        self.write_status({
+            "phase": "Running", "hostIP": POD_IP, "hostIPs": [{"ip": POD_IP}], "podIP": POD_IP,
+            "podIPs": [{"ip": POD_IP}], "startTime": self.start_time,
+            "conditions": self.conditions(True),
+            "containerStatuses": [{**self.container_base(container), "ready": True, "started": True,
+                                   "containerID": f"podagent://{self.uid}",
+                                   "state": {"running": {"startedAt": started_at}}}],
+        })
+        returncode = self.process.wait()
+        self.agent.unpublish(self)
+        pid_file.unlink(missing_ok=True)
+        exit_code = returncode if returncode >= 0 else 128 - returncode
+        message = self.termination_log.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace")
+        if not message and container.get("terminationMessagePolicy") == "FallbackToLogsOnError" and exit_code:
+            message = log_path.read_bytes()[-TERMINATION_MESSAGE_LIMIT:].decode(errors="replace")
+        return exit_code, message
+
+    def terminate(self, grace: float) -> None:
+        """Stop the process group: SIGTERM, then SIGKILL after the grace period."""
+        with self.lock:
+            self.deleting.set()
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class Agent:
+    def __init__(self, api: client.CoreV1Api, state_dir: Path, targets_file: Path):
+        self.api = api
+        self.state_dir = state_dir
+        self.targets_file = targets_file
+        self.ports_file = state_dir / "ports.json"
+        self.logs_dir = state_dir / "logs"
+        self.pids_dir = state_dir / "pids"
+        for d in (self.logs_dir, self.pids_dir, state_dir / "pods"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runners: dict[str, PodRunner] = {}   # pod uid -> runner
+        self.finished: set[str] = set()            # uids this agent ran to completion
+        self.ports: dict[str, dict] = {}           # "ns/name" -> port record
+        self.lock = threading.RLock()
+        self.path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        host = api.api_client.configuration.host
+        self.api_port = int(host.rsplit(":", 1)[1]) if host.count(":") == 2 else 443
+        self.stopping = threading.Event()
+
+    # --- metrics endpoints
+
+    def publish(self, runner: PodRunner, port: int) -> None:
+        labels = runner.pod["metadata"].get("labels") or {}
+        with self.lock:
+            self.ports[runner.key] = {
+                "namespace": runner.pod["metadata"]["namespace"], "pod": runner.pod["metadata"]["name"],
+                "uid": runner.uid, "finetunejob": labels.get(JOB_LABEL, ""), "port": port,
+                "url": f"http://127.0.0.1:{port}/metrics"}
+            self._write_targets()
+
+    def unpublish(self, runner: PodRunner) -> None:
+        with self.lock:
+            if self.ports.get(runner.key, {}).get("uid") == runner.uid:
+                del self.ports[runner.key]
+                self._write_targets()
+
+    def _write_targets(self) -> None:
+        write_atomic(self.ports_file, json.dumps(self.ports, indent=2, sort_keys=True) + "\n")
+        targets = [{"targets": [f"127.0.0.1:{p['port']}"],
+                    "labels": {"namespace": p["namespace"], "pod": p["pod"], "finetunejob": p["finetunejob"]}}
+                   for p in sorted(self.ports.values(), key=lambda p: (p["namespace"], p["pod"]))]
+        write_atomic(self.targets_file, json.dumps(targets, indent=2) + "\n")
+
+    # --- pods
+
+    def forget(self, runner: PodRunner) -> None:
+        with self.lock:
+            self.runners.pop(runner.uid, None)
+            self.finished.add(runner.uid)
+        if runner.deleting.is_set():
+            self.delete_pod(runner.pod)
+
+    def delete_pod(self, pod: dict) -> None:
+        meta = pod["metadata"]
+        with contextlib.suppress(ApiException):
+            self.api.delete_namespaced_pod(
+                meta["name"], meta["namespace"], grace_period_seconds=0,
+                body=client.V1DeleteOptions(grace_period_seconds=0,
+                                            preconditions=client.V1Preconditions(uid=meta["uid"])))
+        log.info("%s/%s: deleted", meta["namespace"], meta["name"])
+
+    def handle(self, event_type: str, pod: dict) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        uid = meta["uid"]
+        status = pod.get("status") or {}
+        with self.lock:
+            runner = self.runners.get(uid)
+            if event_type == "DELETED":
+                if runner:
+                    runner.terminate(0)
+                self.finished.discard(uid)
+                shutil.rmtree(self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}",
+                              ignore_errors=True)
+                return
+            if meta.get("deletionTimestamp"):
+                if runner:
+                    if not runner.deleting.is_set():
+                        grace = meta.get("deletionGracePeriodSeconds")
+                        if grace is None:
+                            grace = spec.get("terminationGracePeriodSeconds", 30)
+                        log.info("%s/%s: deletion requested; stopping (grace %ss)",
+                                 meta["namespace"], meta["name"], grace)
+                        threading.Thread(target=runner.terminate, args=(float(grace),), daemon=True).start()
+                else:
+                    threading.Thread(target=self.delete_pod, args=(pod,), daemon=True).start()
+                return
+            if runner or uid in self.finished or not spec.get("nodeName"):
+                return
+            if status.get("phase") in ("Succeeded", "Failed"):
+                return
+            if status.get("phase") == "Running":
+                # Started by an earlier agent process, which took the process with it.
+                self.finished.add(uid)
+                threading.Thread(target=self.mark_lost, args=(pod,), daemon=True).start()
+                return
+            runner = PodRunner(self, pod)
+            self.runners[uid] = runner
+        runner.start()
+
+    def mark_lost(self, pod: dict) -> None:
+        runner = PodRunner(self, pod)
+        runner.restarts = 0
+        container = pod["spec"]["containers"][0]
+        runner.write_status({"phase": "Failed", "conditions": runner.conditions(False, "PodCompleted"),
+                             "containerStatuses": [{**runner.container_base(container), "ready": False,
+                                                    "started": False, "state": {"terminated": {
+                                                        "exitCode": 137, "reason": "Error",
+                                                        "message": "podagent restarted; process lost",
+                                                        "finishedAt": now()}}}]})
+
+    def watch_pods(self) -> None:
+        (self.state_dir / "ready").write_text(str(os.getpid()))
+        serialize = self.api.api_client.sanitize_for_serialization
+        while not self.stopping.is_set():
+            try:
+                listing = self.api.list_pod_for_all_namespaces(label_selector=TRAINER_SELECTOR)
+                for pod in listing.items:
+                    self.handle("ADDED", serialize(pod))
+                version = listing.metadata.resource_version
+                while not self.stopping.is_set():
+                    stream = watch.Watch().stream(
+                        self.api.list_pod_for_all_namespaces, label_selector=TRAINER_SELECTOR,
+                        resource_version=version, timeout_seconds=30, allow_watch_bookmarks=True)
+                    for event in stream:
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise ApiException(status=getattr(obj, "code", None) or obj.get("code", 500))
+                        pod = serialize(obj)
+                        version = pod["metadata"]["resourceVersion"]
+                        if event["type"] != "BOOKMARK":
+                            self.handle(event["type"], pod)
+            except ApiException as error:
+                if error.status != 410:
+                    log.warning("watch failed (%s); relisting", error.status)
+                    time.sleep(1)
+            except Exception:
+                if self.stopping.is_set():
+                    return
+                log.exception("watch failed; relisting")
+                time.sleep(1)
+
+    def shutdown(self, *_args) -> None:
+        self.stopping.set()
+        with self.lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            runner.terminate(5)
+        for pid_file in self.pids_dir.iterdir():
+            pid_file.unlink(missing_ok=True)
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run trainer pods of the local cluster as processes")
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--targets-file", type=Path, required=True,
+                        help="Prometheus file_sd file listing the trainers' metrics endpoints")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    api = client.CoreV1Api(config.new_client_from_config(config_file=args.kubeconfig))
+    agent = Agent(api, args.state_dir.resolve(), args.targets_file.resolve())
+    agent._write_targets()
+    signal.signal(signal.SIGTERM, agent.shutdown)
+    signal.signal(signal.SIGINT, agent.shutdown)
+    agent.watch_pods()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
