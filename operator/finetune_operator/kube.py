@@ -64,11 +64,14 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
+        authorization = self._authorization()
+        if authorization:
+            headers["Authorization"] = authorization
         query_params = list((query or {}).items())
         if hasattr(self.client, "param_serialize"):  # kubernetes >= 37 (new generator)
             method, url, headers, body, post = self.client.param_serialize(
                 method=method, resource_path=path, query_params=query_params,
-                header_params=headers, body=body, auth_settings=["BearerToken"])
+                header_params=headers, body=body, auth_settings=[])
             response = self.client.call_api(method, url, header_params=headers, body=body,
                                             post_params=post, _request_timeout=timeout)
             data = response.read()
@@ -78,10 +81,19 @@ class Kube:
         else:  # raises ApiException itself on a non-2xx answer
             response = self.client.call_api(
                 path, method, query_params=query_params, header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False,
+                auth_settings=[], _preload_content=False,
                 _request_timeout=timeout)
             data = response.data
         return json.loads(data) if data else {}
+
+    def _authorization(self) -> str | None:
+        """The bearer token, wherever this client version keeps it: kubernetes 36.0.0's config
+        loaders store it under "authorization" while its API classes read "BearerToken" (token
+        auth silently becomes anonymous). Reading it calls the refresh hook, so rotated in-cluster
+        tokens are picked up."""
+        config = self.client.configuration
+        return (config.get_api_key_with_prefix("BearerToken")
+                or config.get_api_key_with_prefix("authorization"))
 
     def _get(self, path: str) -> Manifest | None:
         try:

@@ -142,8 +142,11 @@ class OperatorProcess:
             return False
 
     def wait_leader(self, timeout: float = 60) -> "OperatorProcess":
-        wait_for(lambda: self.alive() and self.is_leader(), timeout=timeout,
-                 message=f"the operator to lead (log: {self.log_tail()})")
+        try:
+            wait_for(lambda: self.alive() and self.is_leader(), timeout=timeout,
+                     message="the operator to lead")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n--- operator log ---\n{self.log_tail()}") from None
         return self
 
     def alive(self) -> bool:

@@ -26,6 +26,15 @@ SECRET = "s3-credentials"
 TRAINER_SELECTOR = "finetune.dev/component=trainer"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def installed_crd(kubectl):
+    """The CRD as `kubectl apply -f crds/` installs it (idempotent)."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f",
+            str(EXAMPLES.parent / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev",
+            "--timeout=60s")
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
