@@ -1,0 +1,152 @@
+"""Running a job as a process: the metrics server, the one-line failure, the termination message
+and the exit code. Shared by the pod entry point (`python -m finetune_trainer`) and
+`finetune run`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune_api import KIND, contract
+from finetune_api.contract import ExitCode, termination_message
+from finetune_trainer import train
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.metrics import TrainerMetrics
+
+DEFAULT_METRICS_PORT = 9400
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The FineTuneJob in a YAML file (other documents, a Secret say, are skipped), or the one
+    mapping it holds (a bare spec)."""
+    try:
+        documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+        jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+        document = jobs[0] if jobs else (documents[0] if len(documents) == 1 else None)
+    except FileNotFoundError as error:
+        raise TrainerError(ExitCode.INVALID_SPEC, f"no manifest at {path}", "spec") from error
+    except yaml.YAMLError as error:
+        raise TrainerError(ExitCode.INVALID_SPEC, f"{path} is not valid YAML: "
+                           f"{error}".replace("\n", " "), "spec") from error
+    if not isinstance(document, dict):
+        raise TrainerError(ExitCode.INVALID_SPEC, f"{path} holds no FineTuneJob mapping", "spec")
+    return document
+
+
+def metrics_port(manifest: dict) -> int:
+    if os.environ.get(contract.ENV_METRICS_PORT):
+        return int(os.environ[contract.ENV_METRICS_PORT])
+    spec = manifest.get("spec", manifest)
+    return int(((spec.get("metrics") or {}).get("port")) or DEFAULT_METRICS_PORT)
+
+
+def serve_metrics(metrics: TrainerMetrics, address: str, port: int, *, log=print,
+                  any_port_if_busy: bool = False) -> str | None:
+    """Start /metrics; a busy port costs the metrics, not the training run."""
+    try:
+        server, _ = metrics.serve(address, port)
+    except OSError as error:
+        if not any_port_if_busy:
+            log(f"metrics server not started on {address}:{port}: {error}")
+            return None
+        server, _ = metrics.serve(address, 0)
+    host = address or "0.0.0.0"
+    return f"http://{host}:{server.server_port}/metrics"
+
+
+def failure(exit_code: ExitCode, message: str, field: str | None = None) -> TrainerError:
+    return TrainerError(exit_code, " ".join(str(message).split()), field)
+
+
+def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetrics,
+            log=print, **options) -> int:
+    """Run the job; write the termination message; return the exit code. `options` go to
+    train.main (output_uri, epochs, cache_dir)."""
+    try:
+        report = train.main(manifest, metrics=metrics, log=log, **options)
+    except TrainerError as error:
+        problem = failure(error.exit_code, error.message, error.field)
+    except torch.OutOfMemoryError as error:
+        problem = failure(ExitCode.OUT_OF_MEMORY, f"out of GPU memory; lower spec.batchSize "
+                          f"(or spec.model.imageSize): {str(error).splitlines()[0]}",
+                          "spec.batchSize")
+    except MemoryError:
+        problem = failure(ExitCode.OUT_OF_MEMORY, "out of memory; lower spec.batchSize or raise "
+                          "spec.resources.memory", "spec.batchSize")
+    except Exception as error:  # noqa: BLE001 - an unexpected crash: retried by the operator
+        traceback.print_exc()
+        problem = failure(ExitCode.FAILED, f"{type(error).__name__}: {error}")
+    else:
+        _write_termination_log(termination_log, termination_message(
+            valAccuracy=report["valAccuracy"], bestValAccuracy=report["bestValAccuracy"],
+            baselineAccuracy=report["baseline"].get("accuracy"), strategy=report["strategy"],
+            strategyReason=report["strategyReason"], modelUri=report["outputs"]["modelUri"],
+            reportUri=report["outputs"]["reportUri"], epochs=report["epochs"]["completed"],
+            resumedFromEpoch=report["resumedFromEpoch"]))
+        return ExitCode.SUCCEEDED
+    return report_failure(problem, termination_log)
+
+
+def _write_termination_log(path: str | None, message: str) -> None:
+    if not path:
+        return
+    try:
+        Path(path).write_text(message)
+    except OSError as error:
+        print(f"could not write the termination message to {path}: {error}", file=sys.stderr)
+
+
+def push_metrics(metrics: TrainerMetrics, manifest: dict, log=print) -> None:
+    url = os.environ.get(contract.ENV_PUSHGATEWAY_URL)
+    if not url:
+        return
+    name = (manifest.get("metadata") or {}).get("name", "finetune")
+    try:
+        metrics.push(url, job=f"finetune-{name}")
+    except OSError as error:
+        log(f"push to {url} failed: {error}")
+
+
+def pod_main(argv: list[str] | None = None) -> int:
+    """Entry point in the trainer pod: `python -m finetune_trainer --spec /etc/finetune/spec.yaml`."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer")
+    parser.add_argument("--spec", default=os.environ.get(
+        contract.ENV_SPEC, f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"),
+        help="the FineTuneJob manifest (default: $FINETUNE_SPEC or /etc/finetune/spec.yaml)")
+    args = parser.parse_args(argv)
+    termination_log = os.environ.get(contract.ENV_TERMINATION_LOG, "/dev/termination-log")
+    log = _flushing_print
+    metrics = TrainerMetrics()
+    try:
+        manifest = read_manifest(args.spec)
+    except TrainerError as error:
+        return report_failure(error, termination_log)
+    address = os.environ.get(contract.ENV_METRICS_ADDR, "")
+    url = serve_metrics(metrics, address, metrics_port(manifest), log=log)
+    if url:
+        log(f"metrics on {url}")
+    exit_code = run_job(manifest, termination_log=termination_log, metrics=metrics, log=log,
+                        cache_dir=os.environ.get(contract.ENV_CACHE_DIR) or None)
+    push_metrics(metrics, manifest, log)
+    return int(exit_code)
+
+
+def report_failure(error: TrainerError, termination_log: str | None) -> int:
+    """One line on stderr naming the field and the cause, and the termination message."""
+    where = f"{error.field}: " if error.field else ""
+    print(f"error: {where}{error.message} [{error.reason}, exit {int(error.exit_code)}]",
+          file=sys.stderr, flush=True)
+    _write_termination_log(termination_log, termination_message(
+        reason=error.reason, message=error.message, field=error.field,
+        exitCode=int(error.exit_code)))
+    return int(error.exit_code)
+
+
+def _flushing_print(*args) -> None:
+    print(*args, flush=True)
