@@ -220,6 +220,23 @@ def test_s3_client_configured_from_the_env_file_alone(make_bucket, cluster_env, 
     assert [b["Name"] for b in s3.list_buckets()["Buckets"]].count(bucket) == 1
 
 
+def test_bucket_helper_creates_buckets_idempotently(cluster_env, s3_client):
+    import subprocess
+    import sys
+    import uuid
+
+    name = f"helper-{uuid.uuid4().hex[:8]}"
+    helper = [sys.executable, str(Path(__file__).resolve().parents[2] / "cluster" / "s3buckets.py"),
+              "--env", str(Path(cluster_env["FINETUNE_CLUSTER_DIR"]) / "env"), name]
+    try:
+        first = subprocess.run(helper, capture_output=True, text=True, check=True)
+        second = subprocess.run(helper + ["--list"], capture_output=True, text=True, check=True)
+        assert first.stdout == f"created s3://{name}\n"
+        assert name in second.stdout.splitlines() and "created" not in second.stdout
+    finally:
+        s3_client.delete_bucket(Bucket=name)
+
+
 def test_prometheus_scrapes_a_trainer_pod_run_by_the_agent(kubectl, namespace, prometheus_query,
                                                             trainer_metrics_url):
     script = """
