@@ -3,6 +3,7 @@ agent, S3 and Prometheus, each exercised for real."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import textwrap
@@ -274,16 +275,17 @@ def test_pushgateway_metrics_reach_prometheus_with_their_labels(pushgateway_url,
 
 def test_everything_listens_on_loopback_only(cluster_env):
     state = Path(cluster_env["FINETUNE_CLUSTER_DIR"])
-    pids = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
-    assert pids
+    pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
     listening = _listening_sockets()
     seen = []
-    for pid in pids:
+    for name, pid in pids.items():
         for fd in Path(f"/proc/{pid}/fd").iterdir():
-            target = os.readlink(fd) if fd.is_symlink() else ""
-            if target.startswith("socket:[") and target[8:-1] in listening:
-                seen.append((pid, listening[target[8:-1]]))
-    assert seen, "found no listening sockets at all"
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    seen.append((name, listening[target[8:-1]]))
+    # Every server listens somewhere (the pod agent is only a client).
+    assert {name for name, _ in seen} == set(pids) - {"podagent"}, seen
     assert all(_is_loopback(address) for _, address in seen), seen
 
 
