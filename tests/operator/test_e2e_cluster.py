@@ -118,8 +118,10 @@ def events(kubectl, namespace: str, name: str) -> list[dict]:
 def test_example_succeeds_with_accuracy_in_kubectl_and_the_model_in_s3(
         kubectl, namespace, ftj_operator, datasets, s3_client):
     kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "fashion-mnist.yaml"))
+    wait_phase(kubectl, namespace, "fashion-mnist", "Succeeded", "Failed", timeout=600)
+    # What a user (or a CI pipeline) waits on:
     kubectl("wait", "-n", namespace, "--for=condition=Succeeded", "ftj/fashion-mnist",
-            "--timeout=600s")
+            "--timeout=30s")
     current = status(kubectl, namespace, "fashion-mnist")
     assert current["phase"] == "Succeeded"
     assert 0.0 <= current["metrics"]["valAccuracy"] <= 1.0
