@@ -123,3 +123,11 @@ def test_torchvision_head_is_replaced_by_one_per_class(backbone, head):
     model = build_model(model_spec(backbone, library="Torchvision"), 7)
     assert head_module_name(model) == head
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_missing_weights_file_is_invalid_model(tmp_path):
+    with pytest.raises(TrainerError) as caught:
+        build_model(model_spec(weights=str(tmp_path / "absent.pth")), 3)
+    assert (caught.value.exit_code, caught.value.field) == (ExitCode.INVALID_MODEL,
+                                                            "spec.model.weights")
+    assert "no weights file at" in caught.value.message

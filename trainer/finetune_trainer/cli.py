@@ -12,6 +12,8 @@ import os
 import sys
 
 from finetune_api import contract
+from finetune_api.validation import SpecError, validate_manifest
+from finetune_trainer.dataset_cli import add_dataset_parser
 from finetune_trainer.errors import TrainerError
 
 
@@ -28,7 +30,7 @@ def _run(args) -> int:
         url = runtime.serve_metrics(metrics, args.metrics_address, port, any_port_if_busy=True)
         print(f"metrics on {url}", flush=True)
     return int(runtime.run_job(manifest, termination_log=args.termination_log, metrics=metrics,
-                               log=runtime._flushing_print, output_uri=args.output_uri,
+                               log=runtime.print_flush, output_uri=args.output_uri,
                                epochs=args.epochs, cache_dir=args.cache_dir))
 
 
@@ -36,12 +38,11 @@ def validate_file(path: str) -> list[str]:
     """Problems of the manifest at `path`, one line each, field first; empty when it is valid."""
     from finetune_trainer.preflight import preflight_problems
     from finetune_trainer.runtime import read_manifest
-    from finetune_trainer.train import resolve_spec
     try:
-        spec = resolve_spec(read_manifest(path))
+        spec = validate_manifest(read_manifest(path))
+    except SpecError as error:
+        return error.problems
     except TrainerError as error:
-        if error.exit_code == contract.ExitCode.INVALID_SPEC and error.field != "spec":
-            return error.message.split("; ")
         return [str(error)]
     return [str(problem) for problem in preflight_problems(spec)]
 
@@ -78,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
-    try:
-        from finetune_trainer.dataset_cli import add_dataset_parser
-    except ImportError:
-        pass
-    else:
-        add_dataset_parser(commands)
+    add_dataset_parser(commands)
     return parser
 
 

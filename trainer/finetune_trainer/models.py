@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from pathlib import Path
 
 import timm
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from finetune_api.contract import ExitCode
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.storage import ObjectNotFound, open_store
 
 BACKBONE_FIELD = "spec.model.backbone"
 WEIGHTS_FIELD = "spec.model.weights"
@@ -120,11 +120,8 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 def read_state_dict(weights: str, store=None) -> dict[str, torch.Tensor]:
     """Read a state dict, or the state dict inside a checkpoint, from s3:// or a path."""
     try:
-        if weights.startswith("s3://"):
-            data = store.read_bytes(weights)
-        else:
-            data = Path(weights.removeprefix("file://")).read_bytes()
-    except FileNotFoundError as error:
+        data = (store or open_store()).read_bytes(weights, field=WEIGHTS_FIELD)
+    except ObjectNotFound as error:
         raise TrainerError(ExitCode.INVALID_MODEL, f"no weights file at {weights}",
                            WEIGHTS_FIELD) from error
     try:

@@ -121,7 +121,7 @@ def pod_main(argv: list[str] | None = None) -> int:
         help="the FineTuneJob manifest (default: $FINETUNE_SPEC or /etc/finetune/spec.yaml)")
     args = parser.parse_args(argv)
     termination_log = os.environ.get(contract.ENV_TERMINATION_LOG, "/dev/termination-log")
-    log = _flushing_print
+    log = print_flush
     metrics = TrainerMetrics()
     try:
         manifest = read_manifest(args.spec)
@@ -148,5 +148,5 @@ def report_failure(error: TrainerError, termination_log: str | None) -> int:
     return int(error.exit_code)
 
 
-def _flushing_print(*args) -> None:
+def print_flush(*args) -> None:
     print(*args, flush=True)

@@ -28,7 +28,7 @@ from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.models import build_model
 from finetune_trainer.preflight import check_preflight
 from finetune_trainer.report import classification_summary, write_outputs
-from finetune_trainer.storage import join_uri, open_store
+from finetune_trainer.storage import open_store
 from finetune_trainer.strategy import choose_strategy
 
 
@@ -313,8 +313,9 @@ def resolve_spec(manifest: dict, *, output_uri: str | None = None,
     try:
         return validate_manifest(document)
     except SpecError as error:
-        first_field = error.problems[0].split(":", 1)[0]
-        raise TrainerError(ExitCode.INVALID_SPEC, "; ".join(error.problems), first_field) from error
+        first_field, _, first_problem = error.problems[0].partition(": ")
+        message = first_problem if len(error.problems) == 1 else "; ".join(error.problems)
+        raise TrainerError(ExitCode.INVALID_SPEC, message, first_field) from error
 
 
 def seed_everything(seed: int) -> None:
