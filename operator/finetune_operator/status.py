@@ -150,7 +150,7 @@ def _job_condition(job: Manifest, *types: str) -> dict[str, Any] | None:
 
 
 def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
-          job_was_created: bool) -> Verdict:
+          job_was_created: bool, has_run: bool = False) -> Verdict:
     """The phase the Job and its pods put the FineTuneJob in."""
     if job is None:
         if job_was_created:
@@ -238,6 +238,12 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
     if last_failure:
         return Verdict(RUNNING, "Retrying",
                        f"retrying after {last_failure['reason']}: {last_failure['message']}")
+    # Once the trainer has run, the gaps between its pods (one finishing before the Job says
+    # Complete, one evicted and being replaced) are part of running, not a step back to Pending.
+    if has_run:
+        if any((_terminated(p) or {}).get("exitCode") == 0 for p in pods):
+            return Verdict(RUNNING, "Completing", "the trainer finished; completing the Job")
+        return Verdict(RUNNING, "Restarting", "the trainer pod is being replaced")
     return Verdict(PENDING, "PodStarting", "waiting for the trainer pod to start")
 
 
@@ -279,7 +285,8 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     status = finetunejob.get("status") or {}
     generation = meta.get("generation")
     old_phase = status.get("phase")
-    verdict = judge(spec, job, pods, job_was_created=bool(status.get("jobName")))
+    verdict = judge(spec, job, pods, job_was_created=bool(status.get("jobName")),
+                    has_run=bool(status.get("startTime")) or old_phase == RUNNING)
 
     if old_phase in TERMINAL_PHASES:
         # Watches of the Job and of its pods are separate streams: the Job may report Complete

@@ -245,3 +245,16 @@ def test_no_patch_when_nothing_changed():
     settled = {**status, **first.patch}
     again = derive_status(finetunejob(status=settled), job(), pods, NOW + timedelta(seconds=30))
     assert again.patch == {} and again.event is None
+
+
+def test_a_pod_being_replaced_or_finishing_does_not_send_a_running_job_back_to_pending():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}
+    evicting = pod(phase="Running", state=running_state(), deleting=True)
+    update = derive_status(finetunejob(status=status), job(active=1), [evicting], NOW)
+    assert update.new_phase == "Running" and conditions(update)["Running"]["reason"] == "Restarting"
+    finished = pod(phase="Succeeded", state=terminated_state(0, "{}", reason="Completed"))
+    update = derive_status(finetunejob(status=status), job(), [finished], NOW)
+    assert update.new_phase == "Running" and conditions(update)["Running"]["reason"] == "Completing"
+    # Before the trainer ever ran, a pod that is not running yet is still Pending.
+    update = derive_status(finetunejob(status=CREATED), job(), [pod()], NOW)
+    assert update.new_phase == "Pending"
