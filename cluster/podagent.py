@@ -17,7 +17,8 @@ What it does, per pod:
   with ``CreateContainerConfigError`` and is retried. On top of the spec, the agent sets PATH, HOME,
   LANG, TMPDIR, HOSTNAME, and:
 
-  - ``FINETUNE_METRICS_PORT``: a free loopback port for this pod (overrides the spec's value); the
+  - ``FINETUNE_METRICS_ADDR=127.0.0.1`` and ``FINETUNE_METRICS_PORT``: a free loopback port for
+    this pod (both override the spec's values); the
     pod is listed as ``127.0.0.1:<port>`` in the Prometheus file_sd file (labels ``namespace``,
     ``pod``, ``finetunejob`` from the pod label ``finetune.dev/job``) and in ``ports.json``.
   - ``FINETUNE_TERMINATION_LOG``: a file whose first 4096 bytes become the container's
@@ -313,9 +314,12 @@ class PodRunner(threading.Thread):
                     return
                 body = api.api_client.sanitize_for_serialization(current)
                 old = body.get("status") or {}
-                scheduled = [c for c in old.get("conditions") or [] if c["type"] == "PodScheduled"]
-                conditions = scheduled + status.pop("conditions", [])
-                body["status"] = {**old, **status, "conditions": conditions}
+                # Keep the conditions others own (PodScheduled, DisruptionTarget from an eviction,
+                # readiness gates), as the kubelet does: the Job controller's podFailurePolicy
+                # reads DisruptionTarget.
+                ours = {c["type"] for c in status.get("conditions", [])}
+                kept = [c for c in old.get("conditions") or [] if c["type"] not in ours]
+                body["status"] = {**old, **status, "conditions": kept + status.get("conditions", [])}
                 api.replace_namespaced_pod_status(meta["name"], meta["namespace"], body)
                 return
             except ApiException as error:
@@ -442,6 +446,7 @@ class PodRunner(threading.Thread):
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
             **spec_env,
+            "FINETUNE_METRICS_ADDR": "127.0.0.1",
             "FINETUNE_METRICS_PORT": str(self.agent.ports.get(self.key, {}).get("port") or free_port()),
             "FINETUNE_TERMINATION_LOG": str(self.termination_log),
             "PYTHONUNBUFFERED": spec_env.get("PYTHONUNBUFFERED", "1"),

@@ -167,6 +167,35 @@ def test_agent_reports_a_failing_trainer_and_the_job_fails(kubectl, namespace):
     assert (terminated["exitCode"], terminated["reason"], terminated["message"]) == (3, "Error", "bad hyperparameters")
 
 
+def test_evicted_trainer_keeps_disruption_target_so_the_job_ignores_the_failure(kubectl, namespace, api_client):
+    from kubernetes import client
+
+    script = """
+        import time
+        time.sleep(600)
+    """
+    spec = job("evicted", [trainer_pod("unused", script)["spec"]["containers"][0]], labels=TRAINER_LABELS)
+    spec["spec"]["podFailurePolicy"] = {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    spec["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 5
+    apply(kubectl, namespace, spec)
+
+    def running_pods():
+        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+        return [p["metadata"]["name"] for p in pods
+                if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+    first, = wait_for(running_pods, timeout=60, message="the first pod to run")
+    client.CoreV1Api(api_client).create_namespaced_pod_eviction(
+        first, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=first, namespace=namespace)))
+    # backoffLimit is 0: only the Ignore rule (DisruptionTarget kept in the pod's status) lets the
+    # Job start a second pod instead of failing.
+    second, = wait_for(lambda: [p for p in running_pods() if p != first], timeout=60,
+                       message="a replacement pod")
+    status = get(kubectl, namespace, "job", "evicted")["status"]
+    assert not status.get("failed") and not any(c["type"] == "Failed" for c in status.get("conditions", []))
+    kubectl("delete", "job", "evicted", "-n", namespace, "--cascade=foreground", "--timeout=60s")
+
+
 def test_agent_resolves_env_from_secret(kubectl, namespace):
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
                                "stringData": {"AWS_ACCESS_KEY_ID": "id-123", "secret": "s3cr3t"}})
