@@ -125,6 +125,9 @@ def _env(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": contract.ENV_SPEC,
          "value": f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"},
         {"name": contract.ENV_CACHE_DIR, "value": CACHE_DIR},
+        # The pod has its own network namespace: serve /metrics on its IP for the operator and
+        # Prometheus to read.
+        {"name": contract.ENV_METRICS_ADDR, "value": "0.0.0.0"},
         # The root filesystem is read-only: libraries that cache under $HOME write to scratch.
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "AWS_REGION", "value": s3.get("region") or "us-east-1"},

@@ -141,6 +141,7 @@ def test_job_fields_from_spec():
     assert container(job)["ports"] == [{"name": "metrics", "containerPort": 9555,
                                         "protocol": "TCP"}]
     assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert env(job)[contract.ENV_METRICS_ADDR]["value"] == "0.0.0.0"
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "trainer-irsa"
     default = builders.build_trainer_job(finetunejob(), CONFIG)
     assert container(default)["image"] == "registry.local/trainer:1"
