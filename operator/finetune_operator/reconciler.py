@@ -151,7 +151,8 @@ class Reconciler:
                                  conditions_message(conditions, "SpecApplied"))
 
         pods = self.view.pods(job) if job is not None else []
-        update = derive_status(with_conditions, job, pods, now)
+        update = derive_status(with_conditions, job, pods, now,
+                               self.view.attempts(job) if job is not None else 0)
         update.patch.setdefault("conditions", conditions)
         update.patch["observedGeneration"] = finetunejob["metadata"].get("generation")
         self._apply(finetunejob, update)
@@ -187,7 +188,8 @@ class Reconciler:
             if job is None and self.kube.get_job(namespace, status["jobName"]) is not None:
                 return  # the watch has not delivered it yet
             pods = self.view.pods(job) if job is not None else []
-            self._apply(finetunejob, derive_status(finetunejob, job, pods, _now()))
+            self._apply(finetunejob, derive_status(
+                finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0))
 
     def refresh_or_defer(self, namespace: str, name: str) -> None:
         """For watch events, which kopf does not retry: a failed refresh is queued for the

@@ -277,7 +277,7 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
 
 
 def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manifest],
-                  now: datetime) -> StatusUpdate:
+                  now: datetime, pods_started: int = 0) -> StatusUpdate:
     """The status patch for `finetunejob` given its trainer Job (None: not there) and the Job's
     pods. A finished job stays finished: later observations may only fill in details."""
     meta = finetunejob["metadata"]
@@ -311,9 +311,9 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     new: dict[str, Any] = {"phase": phase, "observedGeneration": generation}
     if job is not None:
         new["jobName"] = job["metadata"]["name"]
-        pods_started = sum(1 for p in pods if _started(p))
         job_counts = (job.get("status") or {})
         attempts = max(status.get("attempts") or 0, pods_started,
+                       sum(1 for p in pods if _started(p)),
                        (job_counts.get("failed") or 0) + (job_counts.get("succeeded") or 0))
         if attempts:
             new["attempts"] = attempts

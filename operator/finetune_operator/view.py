@@ -20,6 +20,11 @@ def _controller(obj: Manifest, kind: str) -> dict[str, Any] | None:
                  if ref.get("kind") == kind and ref.get("controller")), None)
 
 
+def _container(pod: Manifest) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((c for c in statuses if c.get("name") == CONTAINER_NAME), {})
+
+
 def _slim(obj: Manifest) -> Manifest:
     """Keep what the status derivation reads; drop managedFields and the pod spec."""
     meta = obj.get("metadata", {})
@@ -48,6 +53,9 @@ class ClusterView:
         self._finetunejobs: dict[Key, Manifest] = {}
         self._jobs: dict[Key, Manifest] = {}  # by (namespace, FineTuneJob name)
         self._pods: dict[Key, dict[str, Manifest]] = {}  # by (namespace, Job name)
+        # uids of the pods of each Job (by Job uid) seen running or finished, kept after the
+        # pods are deleted: a replaced pod is gone before its successor starts.
+        self._started: dict[str, set[str]] = {}
 
     # FineTuneJobs
     def put_finetunejob(self, body: Manifest, deleted: bool = False) -> None:
@@ -105,7 +113,15 @@ class ClusterView:
                     self._pods.pop((namespace, owner["name"]), None)
             else:
                 pods[body["metadata"]["name"]] = _slim(body)
+            state = (_container(body).get("state") or {})
+            if "running" in state or "terminated" in state:
+                self._started.setdefault(owner["uid"], set()).add(body["metadata"]["uid"])
         return (namespace, finetunejob)
+
+    def attempts(self, job: Manifest) -> int:
+        """Trainer pods of this Job seen started, deleted ones included."""
+        with self._lock:
+            return len(self._started.get(job["metadata"]["uid"], ()))
 
     def pods(self, job: Manifest) -> list[Manifest]:
         meta = job["metadata"]

@@ -59,7 +59,7 @@ def pod(name: str = "flowers-trainer-abcde", phase: str = "Pending",
         status["containerStatuses"] = [{"name": "trainer", "state": state}]
     if pod_ip:
         status["podIP"] = pod_ip
-    meta: dict[str, Any] = {"name": name, "namespace": "team-a",
+    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "uid": f"uid-{name}",
                             "creationTimestamp": "2026-11-28T10:00:05Z",
                             "annotations": {"finetune.dev/finetunejob": "flowers"},
                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",

@@ -190,6 +190,14 @@ def test_between_retries_the_job_stays_running_with_the_cause():
     assert update.event is None
 
 
+def test_attempts_include_pods_already_deleted():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1}
+    replacement = pod(name="b", phase="Running", state=running_state())
+    update = derive_status(finetunejob(status=status), job(active=1), [replacement], NOW,
+                           pods_started=2)
+    assert update.patch["attempts"] == 2
+
+
 def test_a_disrupted_pod_is_replaced_and_counted_as_an_attempt():
     status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1}
     evicted = pod(name="a", phase="Failed", state=terminated_state(143, ""),

@@ -55,3 +55,20 @@ def test_view_drops_what_status_derivation_does_not_read():
     assert "managedFields" not in kept["metadata"]
     assert kept["spec"]["containers"][0] == {"name": "trainer", "ports": body["spec"]["containers"][0]["ports"]}
     assert metrics_url(kept) == "http://10.0.0.1:9400/metrics"
+
+
+def test_attempts_count_pods_that_started_even_after_they_are_deleted():
+    view = ClusterView()
+    first = pod(name="a", phase="Running", state=running_state())
+    first["metadata"]["uid"] = "pod-a"
+    view.put_pod(first)
+    view.put_pod(first, deleted=True)  # evicted, gone before its successor starts
+    second = pod(name="b")  # not started yet
+    second["metadata"]["uid"] = "pod-b"
+    view.put_pod(second)
+    assert view.attempts(job()) == 1
+    second = pod(name="b", phase="Running", state=running_state())
+    second["metadata"]["uid"] = "pod-b"
+    view.put_pod(second)
+    view.put_pod(second)
+    assert view.attempts(job()) == 2
