@@ -186,20 +186,29 @@ apt_install() {
   [[ -z $added_policy ]] || $sudo rm -f "$policy"
 }
 
-install_prometheus() {
-  if command -v prometheus >/dev/null && command -v promtool >/dev/null &&
-    command -v prometheus-pushgateway >/dev/null; then
-    log "prometheus: $(dpkg-query -W -f '${Version}' prometheus 2>/dev/null || echo '?'), pushgateway: $(dpkg-query -W -f '${Version}' prometheus-pushgateway 2>/dev/null || echo '?') (installed)"
+# Debian packages: Prometheus (with promtool) and the Pushgateway, which the cluster runs, and the
+# test data and tools the suite needs (Fashion-MNIST, a Lua 5.1 interpreter).
+install_debian_packages() {
+  local missing=()
+  { command -v prometheus && command -v promtool; } >/dev/null ||
+    missing+=("prometheus=$PROMETHEUS_DEB_VERSION")
+  command -v prometheus-pushgateway >/dev/null ||
+    missing+=("prometheus-pushgateway=$PUSHGATEWAY_DEB_VERSION")
+  dpkg-query -W -f '${Status}' dataset-fashion-mnist 2>/dev/null | grep -q "ok installed" ||
+    missing+=("dataset-fashion-mnist=$FASHION_MNIST_DEB_VERSION")
+  command -v lua5.1 >/dev/null || missing+=("lua5.1=$LUA_DEB_VERSION")
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    log "Debian packages: prometheus, prometheus-pushgateway, dataset-fashion-mnist, lua5.1 (installed)"
     return 0
   fi
-  log "prometheus: installing Debian packages"
-  apt_install "prometheus=$PROMETHEUS_DEB_VERSION" "prometheus-pushgateway=$PUSHGATEWAY_DEB_VERSION"
+  log "Debian packages: installing ${missing[*]}"
+  apt_install "${missing[@]}"
 }
 
 main() {
   command -v go >/dev/null || { echo "go is required (Go >= 1.26)" >&2; exit 1; }
   log "building the local cluster's binaries into $TOOLS (linked in $BIN) with $(go env GOVERSION)"
-  install_prometheus
+  install_debian_packages
   # helm first: the chart's tests want it and it builds in a few minutes; Kubernetes is the long pole.
   go_install helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"

@@ -238,7 +238,7 @@ def prometheus_config(state: Path, pushgateway_port: int) -> str:
                 refresh_interval: 2s
           # The operator's metrics endpoint: whoever runs the operator writes operator.json,
           # e.g. [{{"targets": ["127.0.0.1:8080"], "labels": {{}}}}].
-          - job_name: operator
+          - job_name: finetune-operator
             file_sd_configs:
               - files: [{targets}/operator.json]
                 refresh_interval: 2s
@@ -271,7 +271,7 @@ class Cluster:
 
     def running(self) -> bool:
         pids = self.recorded()
-        return bool(pids) and set(pids) == set(COMPONENTS) and all(map(pid_alive, pids.values()))
+        return set(COMPONENTS) <= set(pids) and all(pid_alive(pids[name]) for name in COMPONENTS)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         log_path = self.logs / f"{name}.log"
@@ -539,6 +539,11 @@ class Cluster:
 
     def down(self, keep_logs: bool = False) -> None:
         pids = self.recorded()
+        # Processes others recorded here to share the cluster's lifetime (the demo's operator),
+        # stopped first, while the API server they talk to is still up.
+        for name, pid in pids.items():
+            if name not in COMPONENTS:
+                stop(name, pid, group=True)
         for name in reversed(COMPONENTS):
             if name in pids:
                 stop(name, pids[name])

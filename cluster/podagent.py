@@ -17,9 +17,10 @@ What it does, per pod:
   with ``CreateContainerConfigError`` and is retried. On top of the spec, the agent sets PATH, HOME,
   LANG, TMPDIR, HOSTNAME, and:
 
-  - ``FINETUNE_METRICS_ADDR=127.0.0.1`` and ``FINETUNE_METRICS_PORT``: a free loopback port for
-    this pod (both override the spec's values); the
-    pod is listed as ``127.0.0.1:<port>`` in the Prometheus file_sd file (labels ``namespace``,
+  - ``FINETUNE_METRICS_ADDR``: the pod's own loopback address (127.0.x.y, also its
+    ``status.podIP``), and ``FINETUNE_METRICS_PORT``: the container port named ``metrics``
+    (a free port when there is none). So ``podIP:port`` reaches the pod as in a real cluster; the
+    pod is listed as ``<podIP>:<port>`` in the Prometheus file_sd file (labels ``namespace``,
     ``pod``, ``finetunejob`` from the pod label ``finetune.dev/job``) and in ``ports.json``.
   - ``FINETUNE_TERMINATION_LOG``: a file whose first 4096 bytes become the container's
     ``state.terminated.message`` (the kubelet's ``/dev/termination-log``).
@@ -69,7 +70,11 @@ from kubernetes.client.rest import ApiException
 TRAINER_SELECTOR = "finetune.dev/component=trainer"
 JOB_LABEL = "finetune.dev/job"
 TERMINATION_MESSAGE_LIMIT = 4096
-POD_IP = "127.0.0.1"
+HOST_IP = "127.0.0.1"
+# Each running pod gets an address of its own in 127.0.0.0/8 (Linux routes all of it to the
+# loopback interface), so pods listen on the ports their spec declares, without clashes, and
+# `podIP:containerPort` reaches them as it would in a real cluster.
+POD_IP_RANGE = [f"127.0.{block}.{host}" for block in range(1, 255) for host in range(1, 255)]
 log = logging.getLogger("podagent")
 
 
@@ -77,9 +82,9 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def free_port() -> int:
+def free_port(address: str = HOST_IP) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -100,8 +105,9 @@ class ConfigError(Exception):
 class PodSpecResolver:
     """Resolves env and volumes of one pod against the API, the way the kubelet does."""
 
-    def __init__(self, api: client.CoreV1Api, pod: dict, poddir: Path):
+    def __init__(self, api: client.CoreV1Api, pod: dict, poddir: Path, pod_ip: str):
         self.api = api
+        self.pod_ip = pod_ip
         self.pod = pod
         self.namespace = pod["metadata"]["namespace"]
         self.poddir = poddir
@@ -148,8 +154,8 @@ class PodSpecResolver:
             "metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
             "metadata.uid": meta["uid"], "spec.nodeName": spec.get("nodeName", ""),
             "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-            "status.podIP": POD_IP, "status.hostIP": status.get("hostIP") or POD_IP,
-            "status.podIPs": POD_IP, "status.hostIPs": POD_IP,
+            "status.podIP": self.pod_ip, "status.hostIP": status.get("hostIP") or HOST_IP,
+            "status.podIPs": self.pod_ip, "status.hostIPs": HOST_IP,
         }
         if path not in values:
             raise ConfigError(f"unsupported fieldRef {path}")
@@ -271,15 +277,19 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 def path_rewriter(mounts: list[tuple[str, Path]]):
-    """A function replacing each mountPath, at a path boundary, with its materialised path."""
-    mounts = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
-    patterns = [(re.compile(r"(?<![\w.\-/])" + re.escape(mount.rstrip("/")) + r"(?=/|$|[^\w.\-])"), str(local))
-                for mount, local in mounts if mount.rstrip("/")]
+    """A function replacing each mountPath, at a path boundary, with its materialised path.
+
+    One pass over the value with every mountPath in one pattern (longest first): a materialised
+    path that itself contains another mountPath (state under /tmp, a /tmp mount) is not rewritten
+    again."""
+    local_of = {mount.rstrip("/"): str(local) for mount, local in mounts if mount.rstrip("/")}
+    if not local_of:
+        return lambda value: value
+    alternatives = "|".join(re.escape(m) for m in sorted(local_of, key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w.\-/])(" + alternatives + r")(?=/|$|[^\w.\-])")
 
     def rewrite(value: str) -> str:
-        for pattern, local in patterns:
-            value = pattern.sub(lambda _: local, value)
-        return value
+        return pattern.sub(lambda match: local_of[match.group(1)], value)
     return rewrite
 
 
@@ -298,6 +308,7 @@ class PodRunner(threading.Thread):
         self.key = f"{meta['namespace']}/{meta['name']}"
         self.uid = meta["uid"]
         self.poddir = agent.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{self.uid[:8]}"
+        self.pod_ip = agent.allocate_ip(self.uid)
         self.deleting = threading.Event()
         self.process: subprocess.Popen | None = None
         self.lock = threading.Lock()
@@ -350,8 +361,8 @@ class PodRunner(threading.Thread):
         if last:
             status["lastState"] = last
         phase = "Running" if self.restarts else "Pending"
-        self.write_status({"phase": phase, "hostIP": POD_IP, "podIP": POD_IP,
-                           "podIPs": [{"ip": POD_IP}], "startTime": self.start_time,
+        self.write_status({"phase": phase, "hostIP": HOST_IP, "podIP": self.pod_ip,
+                           "podIPs": [{"ip": self.pod_ip}], "startTime": self.start_time,
                            "conditions": self.conditions(False, "ContainersNotReady"),
                            "containerStatuses": [status]})
 
@@ -393,7 +404,8 @@ class PodRunner(threading.Thread):
                 # Like the kubelet, a deleted pod gets a terminal phase before it is removed.
                 phase = "Succeeded" if exit_code == 0 else "Failed"
                 self.write_status({
-                    "phase": phase, "hostIP": POD_IP, "podIP": POD_IP, "podIPs": [{"ip": POD_IP}],
+                    "phase": phase, "hostIP": HOST_IP, "podIP": self.pod_ip,
+                    "podIPs": [{"ip": self.pod_ip}],
                     "startTime": self.start_time,
                     "conditions": self.conditions(False, "PodCompleted"),
                     "containerStatuses": [{**self.container_base(container), "ready": False,
@@ -409,8 +421,15 @@ class PodRunner(threading.Thread):
             self.deleting.wait(backoff)
             backoff = min(backoff * 2, 60)
 
+    def metrics_port(self, container: dict) -> int:
+        """The container port named `metrics` (as a real pod would listen on), else a free one."""
+        for port in container.get("ports") or []:
+            if port.get("name") == "metrics":
+                return int(port["containerPort"])
+        return free_port(self.pod_ip)
+
     def prepare(self, container: dict) -> tuple[list[str], dict[str, str], Path]:
-        resolver = PodSpecResolver(self.agent.api, self.pod, self.poddir)
+        resolver = PodSpecResolver(self.agent.api, self.pod, self.poddir, self.pod_ip)
         volumes = resolver.volumes()
         root = self.poddir / "root"
         root.mkdir(parents=True, exist_ok=True)
@@ -446,8 +465,8 @@ class PodRunner(threading.Thread):
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
             **spec_env,
-            "FINETUNE_METRICS_ADDR": "127.0.0.1",
-            "FINETUNE_METRICS_PORT": str(self.agent.ports.get(self.key, {}).get("port") or free_port()),
+            "FINETUNE_METRICS_ADDR": self.pod_ip,
+            "FINETUNE_METRICS_PORT": str(self.metrics_port(container)),
             "FINETUNE_TERMINATION_LOG": str(self.termination_log),
             "PYTHONUNBUFFERED": spec_env.get("PYTHONUNBUFFERED", "1"),
         }
@@ -487,8 +506,8 @@ class PodRunner(threading.Thread):
         pid_file.write_text(self.key)
         self.agent.publish(self, port)
         self.write_status({
-            "phase": "Running", "hostIP": POD_IP, "hostIPs": [{"ip": POD_IP}], "podIP": POD_IP,
-            "podIPs": [{"ip": POD_IP}], "startTime": self.start_time,
+            "phase": "Running", "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}],
+            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}], "startTime": self.start_time,
             "conditions": self.conditions(True),
             "containerStatuses": [{**self.container_base(container), "ready": True, "started": True,
                                    "containerID": f"podagent://{self.uid}",
@@ -531,6 +550,7 @@ class Agent:
         for d in (self.logs_dir, self.pids_dir, state_dir / "pods"):
             d.mkdir(parents=True, exist_ok=True)
         self.runners: dict[str, PodRunner] = {}   # pod uid -> runner
+        self.pod_ips: dict[str, str] = {}          # pod uid -> its loopback address
         self.finished: set[str] = set()            # uids this agent ran to completion
         self.ports: dict[str, dict] = {}           # "ns/name" -> port record
         self.lock = threading.RLock()
@@ -546,8 +566,8 @@ class Agent:
         with self.lock:
             self.ports[runner.key] = {
                 "namespace": runner.pod["metadata"]["namespace"], "pod": runner.pod["metadata"]["name"],
-                "uid": runner.uid, "finetunejob": labels.get(JOB_LABEL, ""), "port": port,
-                "url": f"http://127.0.0.1:{port}/metrics"}
+                "uid": runner.uid, "finetunejob": labels.get(JOB_LABEL, ""), "ip": runner.pod_ip,
+                "port": port, "url": f"http://{runner.pod_ip}:{port}/metrics"}
             self._write_targets()
 
     def unpublish(self, runner: PodRunner) -> None:
@@ -558,15 +578,23 @@ class Agent:
 
     def _write_targets(self) -> None:
         write_atomic(self.ports_file, json.dumps(self.ports, indent=2, sort_keys=True) + "\n")
-        targets = [{"targets": [f"127.0.0.1:{p['port']}"],
+        targets = [{"targets": [f"{p['ip']}:{p['port']}"],
                     "labels": {"namespace": p["namespace"], "pod": p["pod"], "finetunejob": p["finetunejob"]}}
                    for p in sorted(self.ports.values(), key=lambda p: (p["namespace"], p["pod"]))]
         write_atomic(self.targets_file, json.dumps(targets, indent=2) + "\n")
 
     # --- pods
 
+    def allocate_ip(self, uid: str) -> str:
+        with self.lock:
+            if uid not in self.pod_ips:
+                taken = set(self.pod_ips.values())
+                self.pod_ips[uid] = next(ip for ip in POD_IP_RANGE if ip not in taken)
+            return self.pod_ips[uid]
+
     def forget(self, runner: PodRunner) -> None:
         with self.lock:
+            self.pod_ips.pop(runner.uid, None)
             self.runners.pop(runner.uid, None)
             self.finished.add(runner.uid)
         if runner.deleting.is_set():

@@ -124,8 +124,7 @@ def start_operator(pod_spec: dict) -> int:
                                    start_new_session=True)
     pid_file.write_text(str(process.pid))
     targets = Path(os.environ["FINETUNE_PROMETHEUS_TARGETS_DIR"]) / "operator.json"
-    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"],
-                                    "labels": {"job": "finetune-operator"}}]))
+    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {}}]))
     return process.pid
 
 

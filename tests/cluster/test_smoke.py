@@ -273,7 +273,8 @@ def test_prometheus_scrapes_a_trainer_pod_run_by_the_agent(kubectl, namespace, p
         import os, time
         from prometheus_client import Gauge, start_http_server
         Gauge("smoke_answer", "A constant for the smoke test").set(42)
-        start_http_server(int(os.environ["FINETUNE_METRICS_PORT"]), addr="127.0.0.1")
+        start_http_server(int(os.environ["FINETUNE_METRICS_PORT"]),
+                          addr=os.environ["FINETUNE_METRICS_ADDR"])
         time.sleep(600)
     """
     pod = trainer_pod("metrics", script)
@@ -285,6 +286,10 @@ def test_prometheus_scrapes_a_trainer_pod_run_by_the_agent(kubectl, namespace, p
     result = wait_for(lambda: prometheus_query(f'smoke_answer{{namespace="{namespace}"}}'), timeout=30,
                       message="Prometheus to scrape the trainer")
     assert result[0]["metric"]["pod"] == "metrics" and result[0]["metric"]["finetunejob"] == "smoke"
+    # The pod has a loopback address of its own, and it is the pod IP, as in a real cluster.
+    pod_ip = json.loads(kubectl("get", "pod", "metrics", "-n", namespace, "-o", "json"))["status"]["podIP"]
+    assert pod_ip.startswith("127.") and pod_ip != "127.0.0.1"
+    assert url.startswith(f"http://{pod_ip}:")
     assert result[0]["value"][1] == "42"
     assert prometheus_query(f'up{{job="trainers", namespace="{namespace}"}}')[0]["value"][1] == "1"
     kubectl("delete", "pod", "metrics", "-n", namespace, "--timeout=30s")

@@ -127,7 +127,8 @@ def pod_main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(args.spec)
     except TrainerError as error:
         return report_failure(error, termination_log)
-    address = os.environ.get(contract.ENV_METRICS_ADDR, "")
+    # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
+    address = os.environ.get(contract.ENV_METRICS_ADDR) or "0.0.0.0"
     url = serve_metrics(metrics, address, metrics_port(manifest), log=log)
     if url:
         log(f"metrics on {url}")
