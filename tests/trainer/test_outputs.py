@@ -35,7 +35,7 @@ def test_report_is_written_last_and_replaces_an_old_one(tmp_path):
                             classes=["a", "b"], image_size=2, report=report)
     assert deleted == [0]  # before the first write
     assert store.writes == ["model.safetensors", "model.torchscript.pt", "labels.json",
-                            "report.json"]
+                            "training.png", "report.json"]
     stored = json.loads((tmp_path / "report.json").read_text())
     assert stored["status"] == "Succeeded" and "old" not in stored and stored["nan"] is None
     assert stored["torchscript"] == {"exported": True, "method": "torch.jit.trace"}

@@ -1,6 +1,7 @@
 """The job's outputs under spec.output.uri, and the rule that makes them safe to read:
 
     model.safetensors, model.torchscript.pt, labels.json   written first
+    training.png                                           curves and confusion matrix (plots.py)
     report.json                                            written last, "status": "Succeeded"
 
 A reader treats the outputs as complete only when report.json exists with status Succeeded. A
@@ -22,12 +23,14 @@ import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
+from finetune_trainer.plots import render_report_png
 from finetune_trainer.storage import join_uri
 
 MODEL_FILE = "model.safetensors"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 LABELS_FILE = "labels.json"
 REPORT_FILE = "report.json"
+PLOT_FILE = "training.png"
 
 
 def classification_summary(targets: np.ndarray, predictions: np.ndarray,
@@ -83,6 +86,13 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
         report["torchscript"] = {"exported": True, "method": "torch.jit.trace"}
     store.write_bytes(outputs["labelsUri"], json.dumps(classes, indent=1).encode())
     report["outputs"] = outputs
+    try:  # a picture is not worth a finished training run
+        outputs["plotUri"] = join_uri(output_uri, PLOT_FILE)
+        store.write_bytes(outputs["plotUri"], render_report_png(_plain(report)))
+        log(f"training curves {outputs['plotUri']}")
+    except Exception as error:  # noqa: BLE001
+        outputs["plotUri"] = None
+        log(f"training curves not drawn: {type(error).__name__}: {error}")
     report["status"] = "Succeeded"
     store.write_bytes(report_uri, json.dumps(_plain(report), indent=1).encode())
     return outputs
