@@ -109,3 +109,6 @@ METRIC_CHECKPOINT_EPOCH = "finetune_checkpoint_epoch"
 METRIC_GPU_MEMORY = "finetune_gpu_memory_bytes"
 METRIC_GPU_UTILIZATION = "finetune_gpu_utilization_ratio"
 METRIC_INFO = "finetune_info"  # labels: backbone, strategy, reason
+# Pushed once at exit (FINETUNE_PUSHGATEWAY_URL), next to the final values of those above.
+METRIC_DURATION = "finetune_run_duration_seconds"
+METRIC_EXIT_CODE = "finetune_exit_code"

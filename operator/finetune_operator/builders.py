@@ -132,6 +132,8 @@ def _env(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "AWS_REGION", "value": s3.get("region") or "us-east-1"},
     ]
+    if config.pushgateway_url:
+        env.append({"name": contract.ENV_PUSHGATEWAY_URL, "value": config.pushgateway_url})
     endpoint = s3.get("endpoint") or config.default_s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})

@@ -52,6 +52,7 @@ class OperatorConfig:
     leader_election: bool = True
     lease_name: str = "finetune-operator"
     lease_duration_seconds: int = 15
+    pushgateway_url: str = ""  # passed to trainer pods: end-of-job push; empty: off
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @classmethod
@@ -81,6 +82,7 @@ class OperatorConfig:
             leader_election=_bool(env, "FINETUNE_LEADER_ELECTION", True),
             lease_name=env.get("FINETUNE_LEASE_NAME", "").strip() or "finetune-operator",
             lease_duration_seconds=_int(env, "FINETUNE_LEASE_DURATION_SECONDS", 15, 3),
+            pushgateway_url=env.get("FINETUNE_PUSHGATEWAY_URL", "").strip(),
             identity=(f"{pod_name}-{os.getpid()}" if pod_name
                       else f"{socket.gethostname()}-{os.getpid()}"),
         )

@@ -100,6 +100,14 @@ def test_endpoint_falls_back_to_the_operator_default():
         "http://s3.internal:9000"
 
 
+def test_pushgateway_is_passed_to_trainers_only_when_the_operator_has_one():
+    spec = finetunejob(dataset={"uri": "s3://datasets/flowers/"})
+    assert contract.ENV_PUSHGATEWAY_URL not in env(builders.build_trainer_job(spec, CONFIG))
+    config = OperatorConfig.from_env({"FINETUNE_PUSHGATEWAY_URL": " http://pushgateway:9091 "})
+    assert env(builders.build_trainer_job(spec, config))[contract.ENV_PUSHGATEWAY_URL] == \
+        {"name": contract.ENV_PUSHGATEWAY_URL, "value": "http://pushgateway:9091"}
+
+
 def test_pod_runs_locked_down():
     job = builders.build_trainer_job(finetunejob(), CONFIG)
     pod = job["spec"]["template"]["spec"]
