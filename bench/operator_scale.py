@@ -85,6 +85,11 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
@@ -182,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         watcher.start()
         watcher.ready.wait(10)
         names = [f"burst-{i:04d}" for i in range(args.burst)]
+        cpu_before = cpu_seconds(operator.pid)
         started = time.monotonic()
         created = create_all(custom, namespace, names, args.threads)
         create_seconds = time.monotonic() - started
         while len(watcher.seen) < len(names) and time.monotonic() - started < 600:
             time.sleep(0.2)
         burst_done = time.monotonic() - started
+        burst_cpu = cpu_seconds(operator.pid) - cpu_before
         latencies = [watcher.seen[n] - created[n] for n in names if n in watcher.seen]
         missing = len(names) - len(latencies)
 
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "burst": args.burst,
             "burst_create_seconds": round(create_seconds, 2),
             "burst_all_jobs_seconds": round(burst_done, 2),
+            "operator_cpu_seconds_during_burst": round(burst_cpu, 1),
             "apply_to_job_p50_seconds": round(statistics.median(latencies), 3) if latencies else None,
             "apply_to_job_p90_seconds": round(percentile(latencies, 0.90), 3) if latencies else None,
             "apply_to_job_p99_seconds": round(percentile(latencies, 0.99), 3) if latencies else None,
