@@ -17,6 +17,7 @@ from finetune_api.contract import ExitCode, termination_message
 from finetune_trainer import train
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
+from finetune_trainer.pushgateway import PushedRun
 
 DEFAULT_METRICS_PORT = 9400
 
@@ -101,17 +102,6 @@ def _write_termination_log(path: str | None, message: str) -> None:
         print(f"could not write the termination message to {path}: {error}", file=sys.stderr)
 
 
-def push_metrics(metrics: TrainerMetrics, manifest: dict, log=print) -> None:
-    url = os.environ.get(contract.ENV_PUSHGATEWAY_URL)
-    if not url:
-        return
-    name = (manifest.get("metadata") or {}).get("name", "finetune")
-    try:
-        metrics.push(url, job=f"finetune-{name}")
-    except OSError as error:
-        log(f"push to {url} failed: {error}")
-
-
 def pod_main(argv: list[str] | None = None) -> int:
     """Entry point in the trainer pod: `python -m finetune_trainer --spec /etc/finetune/spec.yaml`."""
     import argparse
@@ -127,6 +117,7 @@ def pod_main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(args.spec)
     except TrainerError as error:
         return report_failure(error, termination_log)
+    pushed = PushedRun.begin(manifest, log)  # off unless FINETUNE_PUSHGATEWAY_URL
     # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
     address = os.environ.get(contract.ENV_METRICS_ADDR) or "0.0.0.0"
     url = serve_metrics(metrics, address, metrics_port(manifest), log=log)
@@ -134,7 +125,7 @@ def pod_main(argv: list[str] | None = None) -> int:
         log(f"metrics on {url}")
     exit_code = run_job(manifest, termination_log=termination_log, metrics=metrics, log=log,
                         cache_dir=os.environ.get(contract.ENV_CACHE_DIR) or None)
-    push_metrics(metrics, manifest, log)
+    pushed.push(metrics.registry, exit_code=int(exit_code))
     return int(exit_code)
 
 
