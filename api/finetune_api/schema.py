@@ -188,6 +188,11 @@ def optimizer_schema() -> Schema:
                 "its learning rate by this.", minimum=0, exclusiveMinimum=True, maximum=1),
             "weightDecay": _number("Decoupled weight decay.", default=0.01, minimum=0, maximum=1),
             "momentum": _number("SGD momentum.", default=0.9, minimum=0, maximum=1),
+            "lrScaling": _enum(
+                "How learningRate scales with the global batch (batchSize per process times "
+                "the number of processes): None keeps it, Linear multiplies it by the number of "
+                "processes, Sqrt by its square root. The report records the rate used.",
+                ["None", "Linear", "Sqrt"], "None"),
         },
         default={},
     )
@@ -213,8 +218,12 @@ def resources_schema() -> Schema:
     return _immutable(_object(
         "What the trainer pod asks the scheduler for.",
         {
-            "gpus": _integer("GPUs per trainer pod; 0 runs on CPU.", default=1, minimum=0,
-                             maximum=64),
+            "gpus": _integer("GPUs per trainer pod; 0 runs on CPU. Several GPUs: one training "
+                             "process per GPU (torchrun), data-parallel with DDP.", default=1,
+                             minimum=0, maximum=64),
+            "workers": _integer("Trainer pods (an Indexed Job, started together); each has "
+                                "`gpus` GPUs. The global batch is batchSize times gpus (at "
+                                "least 1) times workers.", default=1, minimum=1, maximum=64),
             "gpuResourceName": _string("Extended resource that counts GPUs, e.g. "
                                        "nvidia.com/gpu or amd.com/gpu. Empty: the operator's "
                                        "configured default (nvidia.com/gpu unless changed).",

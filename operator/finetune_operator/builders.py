@@ -51,6 +51,45 @@ def trainer_job_name(finetunejob_name: str) -> str:
     return _fit(finetunejob_name, MAX_JOB_NAME, "-trainer")
 
 
+def rendezvous_service_name(finetunejob_name: str) -> str:
+    # A Service name is a DNS label (63), and "<job>-<index>.<service>" must resolve.
+    return _fit(finetunejob_name, MAX_LABEL_VALUE, "-workers")
+
+
+RENDEZVOUS_PORT = 29500
+# Seconds a pod waits for all its peers (torchrun's rendezvous and every collective after it):
+# a gang that cannot start completely fails instead of holding GPUs.
+RENDEZVOUS_TIMEOUT_SECONDS = 600
+
+
+def worker_count(spec: dict[str, Any]) -> int:
+    return int((spec.get("resources") or {}).get("workers", 1))
+
+
+def build_rendezvous_service(finetunejob: Manifest) -> Manifest | None:
+    """Headless Service giving the pods of a multi-worker Indexed Job stable DNS names
+    (<job>-<index>.<service>); None with one worker."""
+    meta = finetunejob["metadata"]
+    if worker_count(finetunejob["spec"]) <= 1:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": rendezvous_service_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": selector_labels(meta["name"]),
+            "annotations": {ANNOTATION_FINETUNEJOB: meta["name"]},
+            "ownerReferences": [owner_reference(finetunejob)],
+        },
+        "spec": {"clusterIP": "None", "selector": selector_labels(meta["name"]),
+                 # Peers must find each other before they are ready.
+                 "publishNotReadyAddresses": True,
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT,
+                            "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]},
+    }
+
+
 def spec_configmap_name(finetunejob_name: str) -> str:
     return _fit(finetunejob_name, 253, "-spec")
 
@@ -255,6 +294,25 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
     }
     if spec.get("activeDeadlineSeconds"):
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    workers = worker_count(spec)
+    if workers > 1:
+        # One pod per worker, each knowing its rank from its completion index. Kueue admits the
+        # Job as a whole (all pods or none); backoffLimit counts for the whole group, and when
+        # one pod dies its peers fail at the next collective (bounded by the rendezvous timeout)
+        # and are replaced together, resuming from the last checkpoint.
+        job_name = trainer_job_name(name)
+        service = rendezvous_service_name(name)
+        job_spec.update({"completions": workers, "parallelism": workers,
+                         "completionMode": "Indexed"})
+        pod_spec["subdomain"] = service
+        container["env"] += [
+            {"name": "FINETUNE_WORKERS", "value": str(workers)},
+            {"name": "MASTER_ADDR", "value": f"{job_name}-0.{service}"},
+            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": "FINETUNE_RENDEZVOUS_TIMEOUT", "value": str(RENDEZVOUS_TIMEOUT_SECONDS)},
+        ]
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT,
+                                   "protocol": "TCP"})
 
     return {
         "apiVersion": "batch/v1",

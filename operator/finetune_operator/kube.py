@@ -141,7 +141,8 @@ class Kube:
         namespace = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
         collection = {"Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
-                      "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps"}[manifest["kind"]]
+                      "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+                      "Service": f"/api/v1/namespaces/{namespace}/services"}[manifest["kind"]]
         try:
             return self.request("POST", collection, manifest), True
         except ApiException as error:

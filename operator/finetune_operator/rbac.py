@@ -24,6 +24,8 @@ CLUSTER_RULES: list[PolicyRule] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     # The spec file mounted into the trainer.
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
+    # Headless Service for the rendezvous of multi-worker jobs (spec.resources.workers > 1).
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     # Phase transitions as Events on the FineTuneJob.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

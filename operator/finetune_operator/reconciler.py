@@ -116,6 +116,9 @@ class Reconciler:
         try:
             configmap, _ = self.kube.create_or_adopt(builders.build_spec_configmap(finetunejob),
                                                      uid)
+            service = builders.build_rendezvous_service(finetunejob)
+            if service is not None:
+                self.kube.create_or_adopt(service, uid)
             job = self.kube.get_job(namespace, builders.trainer_job_name(name))
             if job is not None and not builders.is_owned_by(job, uid):
                 raise NotOurs(job)

@@ -231,3 +231,35 @@ def test_spec_changes_that_cannot_reach_the_trainer_are_listed():
     assert builders.unapplied_spec_changes(changed, applied) == [
         "spec.batchSize", "spec.optimizer.learningRate"]
     assert builders.unapplied_spec_changes(applied, applied) == []
+
+
+def test_one_worker_builds_a_plain_job_and_no_service():
+    ftj = finetunejob()
+    job = builders.build_trainer_job(ftj, CONFIG)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    assert "completionMode" not in job["spec"]
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+    assert "MASTER_ADDR" not in env(job)
+    assert builders.build_rendezvous_service(ftj) is None
+
+
+def test_several_workers_build_an_indexed_job_and_a_headless_service():
+    ftj = finetunejob(resources={"gpus": 4, "workers": 3}, queueName="team-a")
+    job = builders.build_trainer_job(ftj, CONFIG)
+    service = builders.build_rendezvous_service(ftj)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (3, 3)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["metadata"]["labels"][contract.LABEL_QUEUE] == "team-a"  # Kueue admits all 3
+    assert job["spec"]["podFailurePolicy"] == builders.pod_failure_policy()
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"][
+        "labels"].items()
+    assert service["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    variables = env(job)
+    assert variables["MASTER_ADDR"]["value"] == (
+        f"{job['metadata']['name']}-0.{service['metadata']['name']}")
+    assert variables["FINETUNE_WORKERS"]["value"] == "3"
+    assert int(variables["FINETUNE_RENDEZVOUS_TIMEOUT"]["value"]) > 0
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "4"  # per worker

@@ -16,9 +16,25 @@ def _name(metric: str) -> str:
     return metric.removesuffix("_total")
 
 
+class _RankLabelled:
+    """A registry view that adds rank="<n>" to every sample: each process of a data-parallel
+    group serves its own /metrics, and a scrape of one pod must tell its ranks apart."""
+
+    def __init__(self, registry: CollectorRegistry, rank: int):
+        self.registry, self.rank = registry, str(rank)
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [sample._replace(labels={**sample.labels, "rank": self.rank})
+                              for sample in family.samples]
+            yield family
+
+
 class TrainerMetrics:
-    def __init__(self):
+    def __init__(self, rank: int | None = None):
+        """rank: set in a distributed run (also rank 0), None when the trainer runs alone."""
         self.registry = CollectorRegistry()
+        self.exported = self.registry if rank is None else _RankLabelled(self.registry, rank)
         r = self.registry
         self.epoch = Gauge(contract.METRIC_EPOCH, "Epochs completed.", registry=r)
         self.planned_epochs = Gauge(contract.METRIC_PLANNED_EPOCHS, "Epochs planned.", registry=r)
@@ -52,7 +68,7 @@ class TrainerMetrics:
 
     def serve(self, address: str, port: int):
         """Start the /metrics HTTP server in a thread; returns (server, thread)."""
-        return prometheus_client.start_http_server(port, addr=address, registry=self.registry)
+        return prometheus_client.start_http_server(port, addr=address, registry=self.exported)
 
     def start(self, *, backbone: str, strategy: str, reason: str, planned_epochs: int,
               planned_steps: int, steps_done: int = 0, epochs_done: int = 0) -> None:
@@ -91,4 +107,4 @@ class TrainerMetrics:
     def push(self, gateway_url: str, job: str) -> None:
         """One push of the final values (FINETUNE_PUSHGATEWAY_URL), for scrapes that would miss a
         short job."""
-        prometheus_client.push_to_gateway(gateway_url, job=job, registry=self.registry)
+        prometheus_client.push_to_gateway(gateway_url, job=job, registry=self.exported)

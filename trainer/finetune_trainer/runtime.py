@@ -14,7 +14,7 @@ import yaml
 
 from finetune_api import KIND, contract
 from finetune_api.contract import ExitCode, termination_message
-from finetune_trainer import train
+from finetune_trainer import distributed, train
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.pushgateway import PushedRun
@@ -83,6 +83,8 @@ def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetr
         traceback.print_exc()
         problem = failure(ExitCode.FAILED, f"{type(error).__name__}: {error}")
     else:
+        if "outputs" not in report:  # a rank other than 0: rank 0 writes the message
+            return ExitCode.SUCCEEDED
         _write_termination_log(termination_log, termination_message(
             valAccuracy=report["valAccuracy"], bestValAccuracy=report["bestValAccuracy"],
             baselineAccuracy=report["baseline"].get("accuracy"), strategy=report["strategy"],
@@ -112,20 +114,36 @@ def pod_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     termination_log = os.environ.get(contract.ENV_TERMINATION_LOG, "/dev/termination-log")
     log = print_flush
-    metrics = TrainerMetrics()
+    world = distributed.world_from_env()
+    metrics = TrainerMetrics(rank=world.rank if world.launched else None)
     try:
         manifest = read_manifest(args.spec)
     except TrainerError as error:
         return report_failure(error, termination_log)
     pushed = PushedRun.begin(manifest, log)  # off unless FINETUNE_PUSHGATEWAY_URL
+    if not world.launched:
+        # Several GPUs or several pods: torchrun starts the ranks, each of which runs this
+        # entry point again with RANK and WORLD_SIZE set.
+        run_id = (manifest.get("metadata") or {}).get("uid") or "finetune"
+        arguments = distributed.launch_arguments(
+            manifest.get("spec", manifest), run_id=run_id,
+            program=["-m", "finetune_trainer", "--spec", args.spec])
+        if arguments is not None:
+            log(f"torchrun {' '.join(arguments)}")
+            return distributed.launch(arguments)
+    if not world.is_main:
+        termination_log = None
     # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
+    # Each process of a pod serves on its own port: the configured one plus its local rank.
     address = os.environ.get(contract.ENV_METRICS_ADDR) or "0.0.0.0"
-    url = serve_metrics(metrics, address, metrics_port(manifest), log=log)
+    url = serve_metrics(metrics, address, metrics_port(manifest) + world.local_rank, log=log)
     if url:
         log(f"metrics on {url}")
     exit_code = run_job(manifest, termination_log=termination_log, metrics=metrics, log=log,
                         cache_dir=os.environ.get(contract.ENV_CACHE_DIR) or None)
-    pushed.push(metrics.registry, exit_code=int(exit_code))
+    if world.is_main:
+        pushed.push(metrics.registry, exit_code=int(exit_code))
+    distributed.destroy_process_group()
     return int(exit_code)
 
 

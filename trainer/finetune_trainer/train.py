@@ -18,10 +18,12 @@ from torch import nn
 from finetune_api.contract import ExitCode
 from finetune_api.validation import SpecError, validate_manifest
 from finetune_trainer import baseline as baseline_module
+from finetune_trainer import distributed
 from finetune_trainer import linear_probe as probe
 from finetune_trainer import policy
 from finetune_trainer.checkpoint import (Checkpoints, checkpoint_uri, job_identity,
                                          restore_rng_state, rng_state)
+from finetune_trainer.distributed import SINGLE, World
 from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
@@ -90,6 +92,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                       seconds=time.perf_counter() - started, data_wait_seconds=data_wait)
 
 
+def distributed_model(model: nn.Module, run: Device, compile_model: bool) -> nn.Module:
+    """DDP around the model: gradients averaged over every rank after each backward."""
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    return torch.compile(ddp) if compile_model else ddp
+
+
 @dataclass
 class Evaluation:
     loss: float
@@ -125,15 +134,23 @@ class Loaders:
 
 
 def load_data(dataset, *, image_size: int, augmentation: str, batch_size: int, workers: int,
-              run: Device, seed: int) -> Loaders:
+              run: Device, seed: int, world: World = SINGLE) -> Loaders:
+    """batch_size is per process. With several processes, a DistributedSampler gives each rank
+    its share of one seeded permutation, so every image is seen once per epoch."""
     eval_transform = build_transform(augmentation, image_size, train=False)
     common = {"batch_size": batch_size, "num_workers": workers,
               "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
-    train = torch.utils.data.DataLoader(
-        ImageDataset(dataset.train, build_transform(augmentation, image_size, train=True)),
-        shuffle=True, generator=torch.Generator().manual_seed(seed),
-        # A last batch of one image breaks BatchNorm in training mode.
-        drop_last=len(dataset.train) > batch_size, **common)
+    train_images = ImageDataset(dataset.train, build_transform(augmentation, image_size, train=True))
+    if world.launched:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train_images, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+        train = torch.utils.data.DataLoader(train_images, sampler=sampler,
+                                            drop_last=len(sampler) > batch_size, **common)
+    else:
+        train = torch.utils.data.DataLoader(
+            train_images, shuffle=True, generator=torch.Generator().manual_seed(seed),
+            # A last batch of one image breaks BatchNorm in training mode.
+            drop_last=len(dataset.train) > batch_size, **common)
     val = torch.utils.data.DataLoader(ImageDataset(dataset.val, eval_transform), **common)
     train_eval = torch.utils.data.DataLoader(ImageDataset(dataset.train, eval_transform), **common)
     return Loaders(train=train, val=val, train_eval=train_eval)
@@ -174,7 +191,7 @@ class EarlyStopping:
 
 def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, strategy: str,
               reason: str, checkpoints: Checkpoints, classes: list[str],
-              metrics: TrainerMetrics, log=print) -> TrainingResult:
+              metrics: TrainerMetrics, log=print, world: World = SINGLE) -> TrainingResult:
     """FineTune or FromScratch: the epoch loop with gradual unfreezing, checkpoints every
     spec.checkpoint.everyEpochs epochs, resume from the latest valid checkpoint, early stopping."""
     epochs, pretrained = spec["epochs"], strategy != "FromScratch"
@@ -198,6 +215,14 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
     loaded = checkpoints.load_latest()
     if loaded is not None:
         state = loaded.state
+        if state.get("worldSize", 1) != world.size:
+            raise TrainerError(
+                ExitCode.INVALID_SPEC,
+                f"checkpoint {loaded.uri} was written by {state.get('worldSize', 1)} training "
+                f"processes and this run has {world.size}: resuming with another world size "
+                "would change the data order and the global batch; run with the same "
+                "resources.workers and GPUs, or set checkpoint.uri to a new location",
+                "spec.resources.workers")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -213,13 +238,23 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
                   planned_steps=steps_per_epoch * epochs, steps_done=steps_per_epoch * start_epoch,
                   epochs_done=start_epoch)
 
+    train_forward, wrapped_frozen_count = forward, None
     for epoch in range(start_epoch, epochs):
         frozen_count = policy.frozen_stage_count(freeze, len(stages.stages), epoch)
         frozen_norms = policy.apply_freeze(model, stages, frozen_count, freeze["batchNorm"])
         # The same shuffle for an epoch whether or not the run was resumed before it.
-        loaders.train.generator.manual_seed(spec["seed"] + epoch)
-        stats = train_one_epoch(forward, criterion, optimizer, scheduler, loaders.train, run,
-                                frozen_norms=frozen_norms, metrics=metrics)
+        if world.launched:
+            loaders.train.sampler.set_epoch(epoch)
+            # DDP synchronises the parameters that train when it is built: build it again
+            # when gradual unfreezing changes them.
+            if frozen_count != wrapped_frozen_count:
+                train_forward = distributed_model(model, run, spec["compile"])
+                wrapped_frozen_count = frozen_count
+        else:
+            loaders.train.generator.manual_seed(spec["seed"] + epoch)
+        stats = train_one_epoch(train_forward, criterion, optimizer, scheduler, loaders.train,
+                                run, frozen_norms=frozen_norms, metrics=metrics)
+        stats = distributed.sum_epoch_stats(world, stats)
         evaluation = evaluate(forward, criterion, loaders.val, run)
         result.train_seconds += stats.seconds
         if evaluation.accuracy > result.best_val_accuracy or not result.history:
@@ -237,17 +272,19 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
             f"{evaluation.loss:.4f}  val accuracy {evaluation.accuracy:.4f}  "
             f"{stats.images_per_second:.1f} images/s")
         result.final = evaluation
-        stop = early_stopping.update(evaluation)
-        if (epoch + 1) % spec["checkpoint"]["everyEpochs"] == 0 or epoch + 1 == epochs or stop:
+        stop = distributed.broadcast_flag(world, early_stopping.update(evaluation))
+        checkpoint_due = (epoch + 1) % spec["checkpoint"]["everyEpochs"] == 0
+        if (checkpoint_due or epoch + 1 == epochs or stop) and world.is_main:
             uri = checkpoints.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "classes": classes,
                 "history": result.history, "bestValAccuracy": result.best_val_accuracy,
                 "bestEpoch": result.best_epoch, "trainSeconds": result.train_seconds,
                 "earlyStopping": (early_stopping.best, early_stopping.bad_epochs),
-                "rng": rng_state()}, epoch + 1)
+                "rng": rng_state(), "worldSize": world.size}, epoch + 1)
             metrics.checkpoint_epoch.set(epoch + 1)
             log(f"checkpoint {uri}")
+        distributed.barrier(world)
         if stop:
             result.stopped_early = True
             log(f"early stopping: no improvement of {spec['earlyStopping']['metric']} for "
@@ -324,21 +361,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def scale_learning_rate(spec: dict, world: World) -> dict:
+    """The spec with optimizer.learningRate scaled by optimizer.lrScaling for the global batch
+    (batchSize per process times the world size); the report records both."""
+    factor = distributed.lr_factor(spec["optimizer"].get("lrScaling", "None"), world.size)
+    if factor == 1.0:
+        return spec
+    scaled = copy.deepcopy(spec)
+    scaled["optimizer"]["learningRate"] = spec["optimizer"]["learningRate"] * factor
+    return scaled
+
+
 def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = None,
          cache_dir: Path | None = None, metrics: TrainerMetrics | None = None,
-         log=print) -> dict[str, Any]:
-    """Run one FineTuneJob manifest (or bare spec) to completion; returns the report."""
+         log=print, world: World | None = None) -> dict[str, Any]:
+    """Run one FineTuneJob manifest (or bare spec) to completion; returns the report. Under
+    torchrun every rank runs this; only rank 0 logs and writes checkpoints and outputs."""
     started = time.perf_counter()
+    world = world or distributed.world_from_env()
+    if not world.is_main:
+        def log(*_args):
+            pass
+    gpu = distributed.init_process_group(world)
     spec = resolve_spec(manifest, output_uri=output_uri, epochs=epochs)
     check_preflight(spec)
+    requested_lr = spec["optimizer"]["learningRate"]
+    spec = scale_learning_rate(spec, world)
     metadata = manifest.get("metadata", {}) if "spec" in manifest else {}
     metrics = metrics or TrainerMetrics()
     identity = job_identity(metadata, spec)
     store = open_store(spec["dataset"].get("s3"))
     seed_everything(spec["seed"])
     run = pick_device(spec["precision"], spec["channelsLast"])
+    if gpu is not None:
+        run.device = gpu
     cache_dir = Path(cache_dir) if cache_dir else None
 
+    # One process per pod fills the pod's caches (dataset, downloaded weights); the others
+    # then read them.
+    if world.local_rank != 0:
+        distributed.barrier(world)
     dataset = prepare_dataset(spec["dataset"], seed=spec["seed"],
                               cache_dir=cache_dir or Path.home() / ".cache" / "finetune",
                               store=store)
@@ -350,9 +412,11 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         f"{run.device.type}, {'bf16' if run.autocast_dtype else 'fp32'}")
     model = build_model(spec["model"], len(dataset.classes), store=store,
                         load_weights=strategy != "FromScratch")
+    if world.local_rank == 0:
+        distributed.barrier(world)
 
     baseline_result = None
-    if spec["baseline"]["enabled"]:
+    if spec["baseline"]["enabled"] and world.is_main:
         baseline_result = baseline_module.pixel_baseline(dataset.train, dataset.val,
                                                          seed=spec["seed"])
         metrics.baseline_accuracy.set(baseline_result.accuracy)
@@ -360,7 +424,8 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
 
     loaders = load_data(dataset, image_size=spec["model"]["imageSize"],
                         augmentation=spec["augmentation"], batch_size=spec["batchSize"],
-                        workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"])
+                        workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"],
+                        world=world)
     if strategy == "LinearProbe":
         result = linear_probe(model, loaders, spec, run, cache_dir=cache_dir,
                               classes=dataset.classes, metrics=metrics, reason=reason, log=log)
@@ -369,7 +434,7 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
                                   keep=spec["checkpoint"]["keep"], log=log)
         result = fine_tune(model, loaders, spec, run, strategy=strategy, reason=reason,
                            checkpoints=checkpoints, classes=dataset.classes, metrics=metrics,
-                           log=log)
+                           log=log, world=world)
     metrics.finished()
 
     report = {
@@ -394,10 +459,18 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         "transferBeatBaseline": (result.final.accuracy > baseline_result.accuracy
                                  if baseline_result else None),
         "imagesPerSecond": result.images_per_second,
+        "distributed": {"worldSize": world.size, "batchSizePerProcess": spec["batchSize"],
+                        "globalBatchSize": spec["batchSize"] * world.size,
+                        "lrScaling": spec["optimizer"].get("lrScaling", "None"),
+                        "requestedLearningRate": requested_lr,
+                        "learningRate": spec["optimizer"]["learningRate"],
+                        "backend": (distributed.backend() if world.launched else None)},
         **result.details,
     }
     report["timings"] = {"dataSeconds": data_seconds, "trainSeconds": result.train_seconds,
                          "totalSeconds": time.perf_counter() - started}
+    if not world.is_main:
+        return report
     write_outputs(store, spec["output"]["uri"], model, classes=dataset.classes,
                   image_size=spec["model"]["imageSize"], report=report, log=log)
     log(f"val accuracy {result.final.accuracy:.4f} (best {result.best_val_accuracy:.4f}"
