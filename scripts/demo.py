@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,13 +163,26 @@ def upload_inputs() -> None:
                    "pretrained/efficientnet-lite0.pth")
 
 
+def print_changed_rows(lines) -> None:
+    """The watch prints a row at every status update (progress is refreshed every few seconds);
+    show a row only when something besides its AGE column changed."""
+    previous = None
+    for line in lines:
+        columns = line.split()
+        if columns[:-1] != previous:
+            print(line, end="", flush=True)
+        previous = columns[:-1]
+
+
 def run_job() -> dict:
     kubectl("delete", "finetunejob", JOB, "-n", TENANT, "--ignore-not-found", "--wait=true",
             capture=True)
     say(f"kubectl apply -n {TENANT} -f {MANIFEST.relative_to(REPO)}")
     kubectl("apply", "-n", TENANT, "-f", str(MANIFEST))
-    say(f"kubectl get ftj -n {TENANT} -w   (until the job ends)")
-    watch = subprocess.Popen([tool("kubectl"), "get", "ftj", "-n", TENANT, "-w"])
+    say(f"kubectl get ftj -n {TENANT} -w   (until the job ends; repeated rows left out)")
+    watch = subprocess.Popen([tool("kubectl"), "get", "ftj", "-n", TENANT, "-w"],
+                             stdout=subprocess.PIPE, text=True)
+    threading.Thread(target=print_changed_rows, args=(watch.stdout,), daemon=True).start()
     deadline = time.monotonic() + TIMEOUT_SECONDS
     try:
         while time.monotonic() < deadline:
@@ -182,6 +196,16 @@ def run_job() -> dict:
     finally:
         watch.terminate()
         watch.wait()
+
+
+def verdict(metrics: dict) -> str:
+    accuracy, baseline = metrics.get("valAccuracy"), metrics.get("baselineAccuracy")
+    if accuracy is None or baseline is None:
+        return ""
+    if accuracy > baseline:
+        return "Transfer learning beat the pixel baseline on this data.\n"
+    return ("Transfer learning did NOT beat the pixel baseline on this data: the report flags it "
+            "(transferBeatBaseline: false).\n")
 
 
 def main() -> int:
@@ -204,6 +228,7 @@ The job succeeded: {status.get('resolvedStrategy')} ({status.get('strategyReason
   pixel baseline       {metrics.get('baselineAccuracy')}
   model                {status.get('output', {}).get('modelUri')}
   report               {status.get('output', {}).get('reportUri')}
+{verdict(metrics)}
 
 Try:
   source {STATE / 'env'}
