@@ -122,8 +122,9 @@ def test_live_series_and_operator_gauge_in_prometheus(kubectl, namespace, scrape
     accuracy = final["metrics"]["valAccuracy"]
     scraped = series(prometheus_query, f'last_over_time({contract.METRIC_VAL_ACCURACY}'
                                        f'{{job="trainers", {job}}}[30m])')
-    assert scraped["trainers"] == pytest.approx(accuracy, abs=1e-9)
-    # The push at exit carries the same final value, with the job's grouping labels.
+    assert 0 <= scraped["trainers"] <= 1
+    # The last epoch can end after the last scrape (seen here under load: a 1 s scrape timeout
+    # on busy cores), so the final value is asserted on the push at exit, which always has it.
     pushed = wait_value(prometheus_query, f'{contract.METRIC_VAL_ACCURACY}{{{job}}}',
                         lambda found: PUSH_JOB in found, message="the pushed final accuracy")
     assert pushed[PUSH_JOB] == pytest.approx(accuracy, abs=1e-9)
