@@ -55,11 +55,15 @@ def progress_patch(samples: dict[str, Any], spec: dict[str, Any], status: dict[s
         progress["etaSeconds"] = int(round(eta))
     patch: dict[str, Any] = {"progress": progress}
 
-    metrics = {key: samples[name] for key, name in (
-        ("trainLoss", contract.METRIC_TRAIN_LOSS),
-        ("valAccuracy", contract.METRIC_VAL_ACCURACY),
-        ("bestValAccuracy", contract.METRIC_BEST_VAL_ACCURACY),
-        ("baselineAccuracy", contract.METRIC_BASELINE_ACCURACY)) if name in samples}
+    # A gauge reads 0 until it is first set: per-epoch figures mean something only after an
+    # epoch, the baseline only once it was trained; until then `kubectl get` shows them empty.
+    measured = [("baselineAccuracy", contract.METRIC_BASELINE_ACCURACY)]
+    if epoch >= 1:
+        measured += [("trainLoss", contract.METRIC_TRAIN_LOSS),
+                     ("valAccuracy", contract.METRIC_VAL_ACCURACY),
+                     ("bestValAccuracy", contract.METRIC_BEST_VAL_ACCURACY)]
+    metrics = {key: samples[name] for key, name in measured
+               if name in samples and (epoch >= 1 or samples[name] > 0)}
     if metrics:
         patch["metrics"] = metrics
 

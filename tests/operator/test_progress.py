@@ -73,3 +73,14 @@ def test_before_the_first_epoch():
     assert patch["progress"]["epochProgress"] == "0/10"
     assert patch["progress"]["percent"] == 0.0
     assert "lastCheckpoint" not in patch
+
+
+def test_accuracy_and_loss_stay_empty_until_an_epoch_was_measured():
+    registry = CollectorRegistry()
+    Gauge(contract.METRIC_EPOCH, "epochs", registry=registry).set(0)
+    Gauge(contract.METRIC_VAL_ACCURACY, "acc", registry=registry)  # never set: exposes 0.0
+    Gauge(contract.METRIC_TRAIN_LOSS, "loss", registry=registry)
+    Gauge(contract.METRIC_BASELINE_ACCURACY, "baseline", registry=registry).set(0.8)
+    samples = parse_exposition(generate_latest(registry).decode())
+    patch = progress_patch(samples, finetunejob()["spec"], {}, NOW)
+    assert patch["metrics"] == {"baselineAccuracy": 0.8}
