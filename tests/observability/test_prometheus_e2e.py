@@ -18,12 +18,11 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 from finetune_api import contract
 from finetune_trainer.pushgateway import JOB as PUSH_JOB, PushedRun
 
-from e2e_support import apply, get, wait_for
+from e2e_support import SECRET, apply, get, s3_secret, wait_for
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET = "s3-credentials"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,13 +56,6 @@ def _write_targets(path: Path, entries: list[dict]) -> None:
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     scratch.write_text(json.dumps(entries))
     scratch.replace(path)  # Prometheus never reads half a file
-
-
-def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
-    apply(kubectl, {"apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": SECRET, "namespace": namespace},
-                    "stringData": {"AWS_ACCESS_KEY_ID": cluster_env["AWS_ACCESS_KEY_ID"],
-                                   "AWS_SECRET_ACCESS_KEY": cluster_env["AWS_SECRET_ACCESS_KEY"]}})
 
 
 def finetunejob(name: str, namespace: str, dataset: str, **spec) -> dict:

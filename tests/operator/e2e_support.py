@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import yaml
 
 from finetune_operator import rbac
+from fixtures_cluster import wait_for as poll
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_ROLE = "finetune-operator-e2e"
@@ -32,18 +32,19 @@ def free_port() -> int:
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5,
              message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as error:  # keep polling; report the last error on timeout
-            last_error = error
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}"
-                         + (f" (last error: {last_error!r})" if last_error else ""))
+    """The cluster fixtures' poll, with the longer default an operator's round trip needs."""
+    return poll(predicate, timeout=timeout, interval=interval, message=message)
+
+
+SECRET = "s3-credentials"
+
+
+def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
+    """The local S3 server's credentials as the Secret the test jobs name."""
+    apply(kubectl, {"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": SECRET, "namespace": namespace},
+                    "stringData": {"AWS_ACCESS_KEY_ID": cluster_env["AWS_ACCESS_KEY_ID"],
+                                   "AWS_SECRET_ACCESS_KEY": cluster_env["AWS_SECRET_ACCESS_KEY"]}})
 
 
 def apply(kubectl, *documents: dict, namespace: str | None = None) -> None:

@@ -17,12 +17,11 @@ from finetune_api.validation import SpecError, validate_manifest
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 
-from e2e_support import apply, get, wait_for
+from e2e_support import SECRET, apply, get, s3_secret, wait_for
 
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SECRET = "s3-credentials"
 TRAINER_SELECTOR = "finetune.dev/component=trainer"
 
 
@@ -36,13 +35,6 @@ def installed_crd(kubectl):
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
-    apply(kubectl, {"apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": SECRET, "namespace": namespace},
-                    "stringData": {"AWS_ACCESS_KEY_ID": cluster_env["AWS_ACCESS_KEY_ID"],
-                                   "AWS_SECRET_ACCESS_KEY": cluster_env["AWS_SECRET_ACCESS_KEY"]}})
-
 
 def finetunejob(name: str, namespace: str, dataset: str, **spec) -> dict:
     base = {
