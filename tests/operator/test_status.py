@@ -93,6 +93,18 @@ def test_success_reports_accuracy_outputs_and_strategy_from_the_termination_mess
     assert update.event[:2] == ("Normal", "Succeeded")
 
 
+def test_a_linear_probe_shows_its_one_planned_pass_not_spec_epochs():
+    message = contract.termination_message(valAccuracy=0.73, strategy="LinearProbe",
+                                           epochs=1, plannedEpochs=1)
+    done = pod(phase="Succeeded", state=terminated_state(0, message, reason="Completed"))
+    update = derive_status(
+        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}),
+        job(conditions=[job_condition("Complete")], completionTime="2026-11-28T10:09:00Z",
+            succeeded=1),
+        [done], NOW)
+    assert update.patch["progress"]["epochProgress"] == "1/1"
+
+
 def test_do_not_retry_exit_code_fails_with_the_trainers_cause():
     message = contract.termination_message(reason="InvalidData", field="spec.dataset.uri",
                                            message="found 1 class (cats); need at least 2")

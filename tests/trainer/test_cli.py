@@ -154,7 +154,8 @@ def test_killed_trainer_resumes_from_its_checkpoint(s3, tmp_path):
     assert report["resumedFromEpoch"] == killed_at
     assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
     summary = parse_termination_message((tmp_path / "termination-log").read_text())
-    assert summary["epochs"] == 3 and summary["resumedFromEpoch"] == killed_at
+    assert summary["epochs"] == summary["plannedEpochs"] == 3
+    assert summary["resumedFromEpoch"] == killed_at
     assert summary["modelUri"] == f"{out}model.safetensors"
     assert summary["valAccuracy"] == pytest.approx(report["valAccuracy"])
 

@@ -90,7 +90,7 @@ def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetr
             baselineAccuracy=report["baseline"].get("accuracy"), strategy=report["strategy"],
             strategyReason=report["strategyReason"], modelUri=report["outputs"]["modelUri"],
             reportUri=report["outputs"]["reportUri"], epochs=report["epochs"]["completed"],
-            resumedFromEpoch=report["resumedFromEpoch"]))
+            plannedEpochs=report["epochs"]["planned"], resumedFromEpoch=report["resumedFromEpoch"]))
         return ExitCode.SUCCEEDED
     return report_failure(problem, termination_log)
 
