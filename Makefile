@@ -65,7 +65,8 @@ py:
 .PHONY: cluster-build cluster-up cluster-down cluster-status test-cluster
 
 # Builds the pinned Go binaries into $(CACHE_DIR)/tools (linked in $(CACHE_DIR)/bin) and installs
-# Debian's prometheus/pushgateway if missing. Cold: ~50 min on 2 busy cores; warm: under a second.
+# Debian's prometheus, pushgateway, dataset-fashion-mnist and lua5.1 if missing. Cold: ~50 min on
+# 2 busy cores; warm: under a second.
 cluster-build:
 	@cluster/build.sh
 
