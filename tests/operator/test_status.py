@@ -68,17 +68,22 @@ def test_running_pod_makes_the_job_running():
     assert update.event[:2] == ("Normal", "Running")
 
 
+def completed_with(message: str):
+    """The status of a running job whose Job completed and whose pod left this message."""
+    done = pod(phase="Succeeded", state=terminated_state(0, message, reason="Completed"))
+    return derive_status(
+        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}),
+        job(conditions=[job_condition("Complete")], completionTime="2026-11-28T10:09:00Z",
+            succeeded=1),
+        [done], NOW)
+
+
 def test_success_reports_accuracy_outputs_and_strategy_from_the_termination_message():
     message = contract.termination_message(
         valAccuracy=0.91, bestValAccuracy=0.93, strategy="FineTune",
         strategyReason="enough images per class", modelUri="s3://models/flowers/model.safetensors",
         reportUri="s3://models/flowers/report.json", epochs=10)
-    done = pod(phase="Succeeded", state=terminated_state(0, message, reason="Completed"))
-    update = derive_status(
-        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}),
-        job(conditions=[job_condition("Complete")], completionTime="2026-11-28T10:09:00Z",
-            succeeded=1),
-        [done], NOW)
+    update = completed_with(message)
     patch = update.patch
     assert patch["phase"] == "Succeeded"
     assert patch["metrics"] == {"valAccuracy": 0.91, "bestValAccuracy": 0.93}
@@ -96,12 +101,7 @@ def test_success_reports_accuracy_outputs_and_strategy_from_the_termination_mess
 def test_a_linear_probe_shows_its_one_planned_pass_not_spec_epochs():
     message = contract.termination_message(valAccuracy=0.73, strategy="LinearProbe",
                                            epochs=1, plannedEpochs=1)
-    done = pod(phase="Succeeded", state=terminated_state(0, message, reason="Completed"))
-    update = derive_status(
-        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"}),
-        job(conditions=[job_condition("Complete")], completionTime="2026-11-28T10:09:00Z",
-            succeeded=1),
-        [done], NOW)
+    update = completed_with(message)
     assert update.patch["progress"]["epochProgress"] == "1/1"
 
 
