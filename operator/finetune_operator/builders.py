@@ -66,6 +66,15 @@ def worker_count(spec: dict[str, Any]) -> int:
     return int((spec.get("resources") or {}).get("workers", 1))
 
 
+def owned_child_metadata(finetunejob: Manifest, name: str) -> Manifest:
+    """Metadata of a plain child (ConfigMap, Service): in the FineTuneJob's namespace, labelled
+    for selection and owned by it, so garbage collection removes it with the FineTuneJob."""
+    meta = finetunejob["metadata"]
+    return {"name": name, "namespace": meta["namespace"], "labels": selector_labels(meta["name"]),
+            "annotations": {ANNOTATION_FINETUNEJOB: meta["name"]},
+            "ownerReferences": [owner_reference(finetunejob)]}
+
+
 def build_rendezvous_service(finetunejob: Manifest) -> Manifest | None:
     """Headless Service giving the pods of a multi-worker Indexed Job stable DNS names
     (<job>-<index>.<service>); None with one worker."""
@@ -75,13 +84,7 @@ def build_rendezvous_service(finetunejob: Manifest) -> Manifest | None:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": rendezvous_service_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": selector_labels(meta["name"]),
-            "annotations": {ANNOTATION_FINETUNEJOB: meta["name"]},
-            "ownerReferences": [owner_reference(finetunejob)],
-        },
+        "metadata": owned_child_metadata(finetunejob, rendezvous_service_name(meta["name"])),
         "spec": {"clusterIP": "None", "selector": selector_labels(meta["name"]),
                  # Peers must find each other before they are ready.
                  "publishNotReadyAddresses": True,
@@ -129,13 +132,7 @@ def build_spec_configmap(finetunejob: Manifest) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": spec_configmap_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": selector_labels(meta["name"]),
-            "annotations": {ANNOTATION_FINETUNEJOB: meta["name"]},
-            "ownerReferences": [owner_reference(finetunejob)],
-        },
+        "metadata": owned_child_metadata(finetunejob, spec_configmap_name(meta["name"])),
         "data": {contract.SPEC_FILE_NAME: yaml.safe_dump(trainer_manifest(finetunejob),
                                                          sort_keys=False)},
     }
