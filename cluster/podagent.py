@@ -26,6 +26,17 @@ What it does, per pod:
     ``state.terminated.message`` (the kubelet's ``/dev/termination-log``).
   - ``KUBERNETES_SERVICE_HOST``/``PORT``: the local API server.
 
+* pod DNS names: there is no cluster DNS here, so an env value that is exactly the DNS name of a
+  pod behind a headless Service (``<hostname>.<subdomain>``, optionally followed by
+  ``.<namespace>``, ``.svc`` and ``.cluster.local``, as an Indexed Job's pods are named for
+  rendezvous) is replaced by that pod's address: the pod the Service selects with that
+  ``spec.hostname`` and ``spec.subdomain``, as the EndpointSlice controller would publish it for
+  CoreDNS (it cannot here: the API refuses loopback addresses in EndpointSlices, and every pod
+  address on this machine is one). Until the name has an address the container
+  waits in ``ContainerCreating`` (a real process would retry its DNS lookup), then starts with the
+  address. The lookup happens once, at container start, and only for env values; names in
+  command or args are left as they are.
+
 * volumes: ConfigMap, Secret, emptyDir, downwardAPI and projected (configMap, secret, downwardAPI,
   serviceAccountToken) volumes are written into ``<state>/pods/<ns>_<name>_<uid>/volumes/<name>``.
   A mount is a symlink at ``<poddir>/root/<mountPath>``; as there is no chroot, every occurrence of
@@ -96,6 +107,61 @@ def write_atomic(path: Path, text: str) -> None:
 
 class ConfigError(Exception):
     """The container cannot be configured yet (missing Secret/ConfigMap key): kubelet retries."""
+
+
+class NameNotResolvedYet(ConfigError):
+    """A pod DNS name in the env has no address yet (its pod is not running): retried soon."""
+
+
+# <hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]], each part a DNS label.
+POD_DNS_NAME = re.compile(r"^(?P<host>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                          r"\.(?P<service>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                          r"(\.(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                          r"(\.svc(\.cluster\.local)?)?)?$")
+
+
+def resolve_pod_dns_names(api: client.CoreV1Api, namespace: str,
+                          env: dict[str, str]) -> dict[str, str]:
+    """env with every pod DNS name (see the module docstring) replaced by the pod's address."""
+    resolved = dict(env)
+    for key, value in env.items():
+        match = POD_DNS_NAME.match(value)
+        if not match:
+            continue
+        service_namespace = match["namespace"] or namespace
+        try:
+            service = api.read_namespaced_service(match["service"], service_namespace)
+        except ApiException as error:
+            if error.status == 404:
+                continue  # not a Service: an ordinary host name, left to the process
+            raise
+        if service.spec.cluster_ip != "None":
+            continue
+        address = pod_dns_address(api, service, match["host"])
+        if address is None:
+            raise NameNotResolvedYet(f"{key}={value}: no address yet (pod {match['host']} of "
+                                     f"Service {service_namespace}/{match['service']} not running)")
+        resolved[key] = address
+    return resolved
+
+
+def pod_dns_address(api: client.CoreV1Api, service, hostname: str) -> str | None:
+    """The address CoreDNS would answer for <hostname>.<service>: that of the pod the Service
+    selects with this spec.hostname and spec.subdomain, as the EndpointSlice controller would
+    publish it. (Here it cannot: the API refuses loopback addresses in EndpointSlices, and pod
+    addresses on this machine are loopback ones, so the agent reads the pods themselves.)"""
+    selector = ",".join(f"{k}={v}" for k, v in sorted((service.spec.selector or {}).items()))
+    if not selector:
+        return None
+    for pod in api.list_namespaced_pod(service.metadata.namespace, label_selector=selector).items:
+        ready = any(c.type == "Ready" and c.status == "True"
+                    for c in (pod.status.conditions or []))
+        if (pod.spec.hostname == hostname and pod.spec.subdomain == service.metadata.name
+                and pod.status.pod_ip and pod.status.phase not in ("Succeeded", "Failed")
+                and not pod.metadata.deletion_timestamp
+                and (ready or service.spec.publish_not_ready_addresses)):
+            return pod.status.pod_ip
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,9 +450,17 @@ class PodRunner(threading.Thread):
         self.start_time = now()
         last_state = None
         backoff = 1.0
+        waiting_for = None
         while not self.deleting.is_set():
             try:
                 argv, env, cwd = self.prepare(container)
+            except NameNotResolvedYet as error:
+                if str(error) != waiting_for:
+                    waiting_for = str(error)
+                    log.info("%s: %s", self.key, error)
+                    self.report_waiting(container, "ContainerCreating", waiting_for)
+                self.deleting.wait(0.5)
+                continue
             except ConfigError as error:
                 log.info("%s: %s", self.key, error)
                 self.report_waiting(container, "CreateContainerConfigError", str(error))
@@ -454,6 +528,8 @@ class PodRunner(threading.Thread):
         rewrite = path_rewriter(mounts)
 
         spec_env = {k: rewrite(v) for k, v in resolver.env(container).items()}
+        spec_env = resolve_pod_dns_names(self.agent.api, self.pod["metadata"]["namespace"],
+                                         spec_env)
         tmp = self.poddir / "tmp"
         tmp.mkdir(exist_ok=True)
         self.termination_log = self.poddir / "termination-log"

@@ -383,7 +383,8 @@ def status_schema() -> Schema:
             "jobName": _string("Name of the trainer batch/v1 Job."),
             "startTime": _string("When the trainer first ran.", format="date-time"),
             "completionTime": _string("When the job finished.", format="date-time"),
-            "attempts": _integer("Trainer pods started so far."),
+            "attempts": _integer("Times the trainer started so far, 1 + retries (with several "
+                                 "workers: times the group of pods started)."),
             "resolvedStrategy": _string("The strategy that ran (Auto resolved)."),
             "strategyReason": _string("Why that strategy was chosen."),
             "progress": _object("Training progress, refreshed while running.", {

@@ -21,8 +21,9 @@ Manifest = dict[str, Any]
 
 CONTAINER_NAME = "trainer"
 # Job pods get "<job name>-<5 chars>" names and a batch.kubernetes.io/job-name label, so the Job's
-# own name has to stay within a label value (63).
-MAX_JOB_NAME = 63
+# own name has to stay within a label value (63); the pods of an Indexed Job also get the hostname
+# "<job name>-<index>", a DNS label, and the index goes up to 63 (spec.resources.workers <= 64).
+MAX_JOB_NAME = 63 - len("-63")
 MAX_LABEL_VALUE = 63
 CACHE_DIR = "/var/cache/finetune"
 SCRATCH_DIR = "/tmp"

@@ -166,11 +166,10 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
     last_failure = failures[-1] if failures else None
 
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
-        succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
-        result = {}
-        if succeeded:
-            result = contract.parse_termination_message(
-                (_terminated(succeeded[-1]) or {}).get("message"))
+        # Several workers: only rank 0's pod (completion index 0) reports the result.
+        results = [contract.parse_termination_message((_terminated(p) or {}).get("message"))
+                   for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+        result = next((r for r in reversed(results) if r), {})
         return Verdict(SUCCEEDED, "Completed", "training finished", result=result)
 
     failed = _job_condition(job, "Failed", "FailureTarget")
@@ -222,7 +221,7 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
         return Verdict(PENDING, "Resuming", "resuming the trainer Job")
 
     if any(_is_running(p) for p in active_pods):
-        attempt = len([p for p in pods if _terminated(p) or _is_running(p)])
+        attempt = group_attempts(spec, len([p for p in pods if _started(p)]))
         message = "the trainer is running"
         if attempt > 1:
             message += f" (attempt {attempt}"
@@ -245,6 +244,12 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
             return Verdict(RUNNING, "Completing", "the trainer finished; completing the Job")
         return Verdict(RUNNING, "Restarting", "the trainer pod is being replaced")
     return Verdict(PENDING, "PodStarting", "waiting for the trainer pod to start")
+
+
+def group_attempts(spec: dict[str, Any], pods: int) -> int:
+    """Attempts of the whole group: a multi-worker job starts (and restarts) all its pods."""
+    workers = max(1, int((spec.get("resources") or {}).get("workers", 1)))
+    return -(-pods // workers)
 
 
 def _started(pod: Manifest) -> bool:
@@ -313,9 +318,9 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     if job is not None:
         new["jobName"] = job["metadata"]["name"]
         job_counts = (job.get("status") or {})
-        attempts = max(status.get("attempts") or 0, pods_started,
-                       sum(1 for p in pods if _started(p)),
-                       (job_counts.get("failed") or 0) + (job_counts.get("succeeded") or 0))
+        attempts = max(status.get("attempts") or 0, group_attempts(spec, max(
+            pods_started, sum(1 for p in pods if _started(p)),
+            (job_counts.get("failed") or 0) + (job_counts.get("succeeded") or 0))))
         if attempts:
             new["attempts"] = attempts
     if phase == RUNNING and not status.get("startTime"):

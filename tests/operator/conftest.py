@@ -7,8 +7,17 @@ import pytest
 # The helpers next to the tests (operator_factories, e2e_support) import however pytest started.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+REPO = Path(__file__).resolve().parents[2]
 DATASETS_BUCKET = "datasets"
 MODELS_BUCKET = "models"
+
+
+@pytest.fixture(scope="session")
+def installed_crd(kubectl):
+    """The CRD as `kubectl apply -f crds/` installs it (idempotent)."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev",
+            "--timeout=60s")
 
 
 @pytest.fixture

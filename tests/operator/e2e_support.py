@@ -37,6 +37,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
 
 
 SECRET = "s3-credentials"
+TRAINER_SELECTOR = "finetune.dev/component=trainer"
 
 
 def s3_secret(kubectl, namespace: str, cluster_env: dict) -> None:
@@ -168,3 +169,74 @@ class OperatorProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+# --- FineTuneJobs and what they leave behind ------------------------------------------------------------------------------
+
+def finetunejob(name: str, namespace: str, dataset: str, **spec) -> dict:
+    base = {
+        "dataset": {"uri": dataset, "s3": {"credentialsSecret": SECRET, "addressingStyle": "Path"}},
+        "model": {"backbone": "test_resnet", "weights": "None", "imageSize": 32},
+        "strategy": "FineTune", "epochs": 2, "batchSize": 16, "augmentation": "None",
+        "dataLoaderWorkers": 0, "baseline": {"enabled": False},
+        "output": {"uri": f"s3://models/{namespace}/{name}/"},
+        "resources": {"gpus": 0},
+    }
+    for key, value in spec.items():
+        base[key] = value
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace}, "spec": base}
+
+
+def ftj(kubectl, namespace: str, name: str) -> dict | None:
+    return get(kubectl, "finetunejob", name, namespace)
+
+
+def status(kubectl, namespace: str, name: str) -> dict:
+    return (ftj(kubectl, namespace, name) or {}).get("status") or {}
+
+
+def wait_phase(kubectl, namespace: str, name: str, *phases: str, timeout: float = 300) -> dict:
+    def reached():
+        current = status(kubectl, namespace, name)
+        return current if current.get("phase") in phases else None
+    try:
+        return wait_for(reached, timeout=timeout, interval=1,
+                        message=f"{namespace}/{name} to reach {'/'.join(phases)}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; status: {json.dumps(status(kubectl, namespace, name))}")
+
+
+def condition(current: dict, type_: str) -> dict:
+    return next((c for c in current.get("conditions") or [] if c["type"] == type_), {})
+
+
+def objects(kubectl, kind: str, namespace: str, selector: str = TRAINER_SELECTOR) -> list[dict]:
+    return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
+
+
+def configmaps(kubectl, namespace: str) -> list[dict]:
+    return objects(kubectl, "configmaps", namespace, "app.kubernetes.io/managed-by=finetune-operator")
+
+
+def s3_keys(s3_client, uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_json(s3_client, uri: str) -> dict:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def wait_checkpoint(s3_client, output_uri: str, timeout: float = 240) -> None:
+    wait_for(lambda: any(k.endswith("checkpoints/latest.json")
+                         for k in s3_keys(s3_client, output_uri)),
+             timeout=timeout, interval=0.5, message=f"a checkpoint under {output_uri}")
+
+
+def events(kubectl, namespace: str, name: str) -> list[dict]:
+    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json",
+                               "--field-selector", f"involvedObject.name={name}"))["items"]
+    return [e for e in items if e.get("source", {}).get("component") == "finetune-operator"]

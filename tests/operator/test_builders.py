@@ -176,6 +176,8 @@ def test_names_are_deterministic_and_fit_label_limits():
     assert builders.trainer_job_name(long_a) == builders.trainer_job_name(long_a)
     assert builders.trainer_job_name(long_a) != builders.trainer_job_name(long_b)
     assert len(builders.trainer_job_name(long_a)) <= 63
+    # An Indexed Job's pods are named by the Job controller "<job>-<index>" as their hostname.
+    assert len(builders.trainer_job_name(long_a) + "-63") <= 63
     assert len(builders.label_value(long_a)) <= 63
     assert builders.label_value(long_a) != builders.label_value(long_b)
 

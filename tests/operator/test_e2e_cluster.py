@@ -17,92 +17,13 @@ from finetune_api.validation import SpecError, validate_manifest
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 
-from e2e_support import SECRET, apply, get, s3_secret, wait_for
+from e2e_support import (SECRET, apply, condition, configmaps, events, finetunejob,
+                         ftj, get, objects, s3_json, s3_keys, s3_secret, status, wait_checkpoint,
+                         wait_for, wait_phase)
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TRAINER_SELECTOR = "finetune.dev/component=trainer"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def installed_crd(kubectl):
-    """The CRD as `kubectl apply -f crds/` installs it (idempotent)."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f",
-            str(EXAMPLES.parent / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev",
-            "--timeout=60s")
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-def finetunejob(name: str, namespace: str, dataset: str, **spec) -> dict:
-    base = {
-        "dataset": {"uri": dataset, "s3": {"credentialsSecret": SECRET, "addressingStyle": "Path"}},
-        "model": {"backbone": "test_resnet", "weights": "None", "imageSize": 32},
-        "strategy": "FineTune", "epochs": 2, "batchSize": 16, "augmentation": "None",
-        "dataLoaderWorkers": 0, "baseline": {"enabled": False},
-        "output": {"uri": f"s3://models/{namespace}/{name}/"},
-        "resources": {"gpus": 0},
-    }
-    for key, value in spec.items():
-        base[key] = value
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": base}
-
-
-def ftj(kubectl, namespace: str, name: str) -> dict | None:
-    return get(kubectl, "finetunejob", name, namespace)
-
-
-def status(kubectl, namespace: str, name: str) -> dict:
-    return (ftj(kubectl, namespace, name) or {}).get("status") or {}
-
-
-def wait_phase(kubectl, namespace: str, name: str, *phases: str, timeout: float = 300) -> dict:
-    def reached():
-        current = status(kubectl, namespace, name)
-        return current if current.get("phase") in phases else None
-    try:
-        return wait_for(reached, timeout=timeout, interval=1,
-                        message=f"{namespace}/{name} to reach {'/'.join(phases)}")
-    except AssertionError as error:
-        raise AssertionError(f"{error}; status: {json.dumps(status(kubectl, namespace, name))}")
-
-
-def condition(current: dict, type_: str) -> dict:
-    return next((c for c in current.get("conditions") or [] if c["type"] == type_), {})
-
-
-def objects(kubectl, kind: str, namespace: str, selector: str = TRAINER_SELECTOR) -> list[dict]:
-    return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
-
-
-def configmaps(kubectl, namespace: str) -> list[dict]:
-    return objects(kubectl, "configmaps", namespace, "app.kubernetes.io/managed-by=finetune-operator")
-
-
-def s3_keys(s3_client, uri: str) -> list[str]:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-
-def s3_json(s3_client, uri: str) -> dict:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-def wait_checkpoint(s3_client, output_uri: str, timeout: float = 240) -> None:
-    wait_for(lambda: any(k.endswith("checkpoints/latest.json")
-                         for k in s3_keys(s3_client, output_uri)),
-             timeout=timeout, interval=0.5, message=f"a checkpoint under {output_uri}")
-
-
-def events(kubectl, namespace: str, name: str) -> list[dict]:
-    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json",
-                               "--field-selector", f"involvedObject.name={name}"))["items"]
-    return [e for e in items if e.get("source", {}).get("component") == "finetune-operator"]
 
 
 # --- tests ------------------------------------------------------------------------------

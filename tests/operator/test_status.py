@@ -278,3 +278,22 @@ def test_a_pod_being_replaced_or_finishing_does_not_send_a_running_job_back_to_p
     # Before the trainer ever ran, a pod that is not running yet is still Pending.
     update = derive_status(finetunejob(status=CREATED), job(), [pod()], NOW)
     assert update.new_phase == "Pending"
+
+
+def test_several_workers_report_rank_zeros_result_and_count_group_attempts():
+    # Only rank 0 (pod index 0) writes the termination message; index 1 may finish last.
+    message = contract.termination_message(valAccuracy=0.8, epochs=2,
+                                           reportUri="s3://models/flowers/report.json")
+    rank_zero = pod("flowers-trainer-0-abcde", phase="Succeeded", state=terminated_state(
+        0, message, reason="Completed", finished="2026-11-28T10:05:00Z"))
+    rank_one = pod("flowers-trainer-1-fghij", phase="Succeeded", state=terminated_state(
+        0, "", reason="Completed", finished="2026-11-28T10:05:02Z"))
+    update = derive_status(
+        finetunejob(status={**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z"},
+                    resources={"gpus": 1, "workers": 2}),
+        job(conditions=[job_condition("Complete")], succeeded=2, failed=2),
+        [rank_zero, rank_one], NOW)
+    assert update.patch["metrics"] == {"valAccuracy": 0.8}
+    assert update.patch["output"] == {"reportUri": "s3://models/flowers/report.json"}
+    # Four pods started: the group of two, twice.
+    assert update.patch["attempts"] == 2

@@ -1,0 +1,132 @@
+"""Several trainer pods on the local cluster: the operator's Indexed Job and headless Service, the
+Job controller's completion indexes and pod hostnames, the EndpointSlice controller's pod
+addresses (resolved by the pod agent, which stands in for cluster DNS) and torchrun's c10d
+rendezvous across pods, with gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from finetune_operator import builders
+
+from e2e_support import (apply, finetunejob, objects, s3_json, s3_secret, wait_checkpoint,
+                         wait_for, wait_phase)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
+
+# GroupNorm, not BatchNorm: per-rank batch statistics would make two ranks differ from one
+# process by design, not by a fault.
+TINY = {"model": {"backbone": "test_efficientnet_gn", "weights": "None", "imageSize": 32},
+        "optimizer": {"name": "SGD", "learningRate": 0.05, "weightDecay": 0.0, "momentum": 0.9},
+        "schedule": {"name": "Constant"}}
+
+
+def model_weights(s3_client, output_uri: str) -> dict[str, torch.Tensor]:
+    bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
+    body = s3_client.get_object(Bucket=bucket, Key=f"{prefix}model.safetensors")["Body"].read()
+    return safetensors.torch.load(body)
+
+
+def test_two_worker_pods_train_to_the_weights_of_one_pod_with_the_same_global_batch(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
+    s3_secret(kubectl, namespace, cluster_env)
+    # The dataset has 100 training images: one global batch of 100 per epoch, so the order in
+    # which images are sharded cannot matter and the plain single-process trainer is the
+    # reference.
+    pair = finetunejob("pair", namespace, datasets["fashion-mnist"], **TINY, epochs=2,
+                       batchSize=50, resources={"gpus": 0, "workers": 2})
+    single = finetunejob("single", namespace, datasets["fashion-mnist"], **TINY, epochs=2,
+                         batchSize=100, resources={"gpus": 0, "workers": 1})
+    apply(kubectl, pair, single)
+
+    job_name = builders.trainer_job_name("pair")
+    service_name = builders.rendezvous_service_name("pair")
+    done = {name: wait_phase(kubectl, namespace, name, "Succeeded", "Failed", timeout=420)
+            for name in ("pair", "single")}
+    assert done["pair"]["phase"] == "Succeeded", done["pair"]
+    assert done["single"]["phase"] == "Succeeded", done["single"]
+
+    job, = [j for j in objects(kubectl, "jobs", namespace) if j["metadata"]["name"] == job_name]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["status"]["succeeded"] == 2 and job["status"]["completedIndexes"] == "0,1"
+    pods = [p for p in objects(kubectl, "pods", namespace)
+            if p["metadata"]["labels"].get("batch.kubernetes.io/job-name") == job_name]
+    assert sorted(p["spec"]["hostname"] for p in pods) == [f"{job_name}-0", f"{job_name}-1"]
+    assert {p["spec"]["subdomain"] for p in pods} == {service_name}
+    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == f"{job_name}-0.{service_name}"
+    service, = objects(kubectl, "services", namespace,
+                       "app.kubernetes.io/managed-by=finetune-operator")
+    assert service["metadata"]["name"] == service_name and service["spec"]["clusterIP"] == "None"
+
+    report = s3_json(s3_client, done["pair"]["output"]["reportUri"])
+    assert report["distributed"]["worldSize"] == 2
+    assert report["distributed"]["globalBatchSize"] == 100
+    assert s3_json(s3_client, done["single"]["output"]["reportUri"])["distributed"][
+        "worldSize"] == 1
+
+    two_pods = model_weights(s3_client, pair["spec"]["output"]["uri"])
+    one_pod = model_weights(s3_client, single["spec"]["output"]["uri"])
+    assert two_pods.keys() == one_pod.keys()
+    for key in one_pod:
+        torch.testing.assert_close(two_pods[key], one_pod[key], atol=2e-4, rtol=1e-3, msg=key)
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The rank processes torchrun started under the pod's main process."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in found.split()]
+
+
+def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
+    s3_secret(kubectl, namespace, cluster_env)
+    manifest = finetunejob("gang", namespace, datasets["fashion-mnist"], **{
+        **TINY, "model": {**TINY["model"], "imageSize": 64}}, epochs=12, batchSize=10,
+        resources={"gpus": 0, "workers": 2})
+    apply(kubectl, manifest)
+    wait_phase(kubectl, namespace, "gang", "Running", timeout=180)
+    wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"], timeout=300)
+
+    job_name = builders.trainer_job_name("gang")
+    first_pods = {p["metadata"]["uid"]: p["metadata"]["name"]
+                  for p in objects(kubectl, "pods", namespace)}
+    assert len(first_pods) == 2
+    worker_pod = f"{job_name}-1-"
+    pids_dir = Path(cluster_env["FINETUNE_CLUSTER_DIR"]) / "podagent" / "pids"
+    pod_pid = int(wait_for(lambda: [p.name for p in pids_dir.iterdir()
+                                    if p.read_text().startswith(f"{namespace}/{worker_pod}")],
+                           timeout=10)[0])
+    rank, = wait_for(lambda: worker_processes(pod_pid), timeout=30,
+                     message="the rank process of pod index 1")
+    # What the kernel's OOM killer or a crash does to a rank: no warning, no cleanup.
+    os.kill(rank, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    # The peer in pod index 0 must not hang holding its GPU: its next collective fails, and
+    # both pods end Failed well within the rendezvous timeout.
+    def first_pods_failed():
+        phases = {p["metadata"]["uid"]: p["status"].get("phase")
+                  for p in objects(kubectl, "pods", namespace)}
+        return all(phases.get(uid, "Failed") == "Failed" for uid in first_pods)
+    wait_for(first_pods_failed, timeout=90, interval=0.5,
+             message="both first-attempt pods to fail after one rank was killed")
+    assert time.monotonic() - killed_at < builders.RENDEZVOUS_TIMEOUT_SECONDS / 4
+
+    current = wait_phase(kubectl, namespace, "gang", "Succeeded", "Failed", timeout=600)
+    assert current["phase"] == "Succeeded", current
+    assert current["attempts"] >= 2
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["resumedFromEpoch"] >= 1
+    assert report["distributed"]["worldSize"] == 2
+    assert [h["epoch"] for h in report["history"]][-1] == 12
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["status"]["failed"] >= 2 and job["status"]["succeeded"] == 2
