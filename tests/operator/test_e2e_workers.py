@@ -29,6 +29,13 @@ TINY = {"model": {"backbone": "test_efficientnet_gn", "weights": "None", "imageS
         "schedule": {"name": "Constant"}}
 
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion-mnist-two-workers.yaml"
+
+
+def test_the_two_worker_example_is_accepted_by_the_api_server(kubectl, namespace):
+    kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(EXAMPLE))
+
+
 def model_weights(s3_client, output_uri: str) -> dict[str, torch.Tensor]:
     bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
     body = s3_client.get_object(Bucket=bucket, Key=f"{prefix}model.safetensors")["Body"].read()

@@ -33,6 +33,13 @@ def test_the_example_is_valid():
     assert secret["metadata"]["name"] == spec["dataset"]["s3"]["credentialsSecret"]
 
 
+def test_the_two_worker_example_is_valid():
+    spec = validate_manifest(yaml.safe_load(
+        (EXAMPLES / "fashion-mnist-two-workers.yaml").read_text()))
+    assert spec["resources"]["workers"] == 2
+    assert spec["optimizer"]["lrScaling"] == "Linear"
+
+
 def test_there_are_several_invalid_examples():
     assert len(INVALID) >= 6
 
