@@ -20,7 +20,8 @@ CACHE_BIN = Path(os.environ.get("CACHE_DIR", Path.home() / ".cache" / "finetune-
 FULL_VALUES: dict[str, Any] = {
     "watchNamespaces": ["team-a", "team-b"],
     "image": {"digest": "sha256:" + "a" * 64, "tag": "1.2.3"},
-    "trainer": {"image": {"repository": "registry.example/trainer", "digest": "sha256:" + "b" * 64}},
+    "trainer": {"image": {"repository": "registry.example/trainer", "digest": "sha256:" + "b" * 64},
+                "pushgatewayUrl": "http://pushgateway.monitoring:9091"},
     "imagePullSecrets": [{"name": "regcred"}],
     "s3": {"defaultEndpoint": "http://s3.storage:7070"},
     "logLevel": "DEBUG",

@@ -16,6 +16,7 @@ from packaging_support import CHART, FULL_VALUES, MONITORING, REPO, find, helm_t
 
 OPERATOR_ENV = {  # what the operator reads (issue 5)
     "FINETUNE_TRAINER_IMAGE", "FINETUNE_DEFAULT_S3_ENDPOINT", "FINETUNE_DEFAULT_GPU_RESOURCE",
+    "FINETUNE_PUSHGATEWAY_URL",
     "FINETUNE_WATCH_NAMESPACES", "FINETUNE_OPERATOR_METRICS_PORT", "FINETUNE_OPERATOR_METRICS_ADDR",
     "FINETUNE_LOG_LEVEL", "POD_NAMESPACE", "POD_NAME", "FINETUNE_LEASE_NAME",
 }
@@ -75,6 +76,7 @@ def test_deployment_runs_the_operator_with_its_configuration(helm, tmp_path):
     assert env["FINETUNE_WATCH_NAMESPACES"]["value"] == ""
     assert env["FINETUNE_OPERATOR_METRICS_PORT"]["value"] == "8080"
     assert env["FINETUNE_DEFAULT_GPU_RESOURCE"]["value"] == "nvidia.com/gpu"
+    assert env["FINETUNE_PUSHGATEWAY_URL"]["value"] == ""  # off unless set
     assert env["FINETUNE_LEASE_NAME"]["value"] == deployment["metadata"]["name"]
     # Pod selector labels are the Deployment's selector and the Service's.
     selector = spec["selector"]["matchLabels"]
@@ -135,6 +137,7 @@ def test_images_default_to_app_version_and_digests_pin_them(helm, tmp_path):
         "ghcr.io/finetune-dev/finetune-operator:1.2.3@sha256:" + "a" * 64
     assert env_of(full)["FINETUNE_TRAINER_IMAGE"]["value"] == \
         f"registry.example/trainer:{version}@sha256:" + "b" * 64
+    assert env_of(full)["FINETUNE_PUSHGATEWAY_URL"]["value"] == "http://pushgateway.monitoring:9091"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "dedicated"
