@@ -219,7 +219,8 @@ def task_linear_probe(task: dict) -> dict:
                                     classifier="LogisticRegression", cv_folds=5, seed=task["seed"])
     fit_seconds = time.perf_counter() - started
     return {"accuracy": fitted.val_accuracy, "fitSeconds": fit_seconds, "C": fitted.c,
-            "cvAccuracy": fitted.cv_accuracy, "predictions": fitted.val_predictions.tolist()}
+            "selection": fitted.selection, "cvAccuracy": fitted.cv_accuracy,
+            "predictions": fitted.val_predictions.tolist()}
 
 
 class _NoCheckpoints:
@@ -436,7 +437,8 @@ def record(task: dict, outcome: dict, results: dict, settings: Settings) -> dict
     if task["kind"] == "linearProbe":
         per_image = results.get("features", {}).get(task["dataset"], {}).get("secondsPerImage")
         entry.update(seconds=outcome["fitSeconds"] + (per_image or 0.0) * task["size"],
-                     C=outcome["C"], cvAccuracy=outcome["cvAccuracy"])
+                     C=outcome["C"], selection=outcome.get("selection"),
+                     cvAccuracy=outcome["cvAccuracy"])
     elif task["kind"] == "deep":
         entry.update(seconds=outcome["seconds"], epochs=outcome["epochs"],
                      imagesPerSecond=outcome["imagesPerSecond"])

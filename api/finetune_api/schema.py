@@ -258,7 +258,8 @@ def spec_schema() -> Schema:
                 "LinearProbe settings.",
                 {"classifier": _enum("Linear classifier on frozen features.",
                                      ["LogisticRegression", "LinearSVM"], "LogisticRegression"),
-                 "cvFolds": _integer("k-fold cross-validation folds used to pick regularisation.",
+                 "cvFolds": _integer("k-fold cross-validation folds used to pick regularisation "
+                                     "(from 5000 training images: one 20% hold-out instead).",
                                      default=5, minimum=2, maximum=20)},
                 default={}),
             "freeze": freeze_schema(),

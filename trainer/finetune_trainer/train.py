@@ -322,7 +322,7 @@ def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
     probe.install_head(model, fitted.weight, fitted.bias)
     seconds = time.perf_counter() - started
     images = len(features["train"][1]) + len(features["val"][1])
-    log(f"linear probe ({fitted.classifier}, C={fitted.c}, {fitted.cv_folds}-fold CV): val "
+    log(f"linear probe ({fitted.classifier}, C={fitted.c} by {fitted.selection}): val "
         f"accuracy {fitted.val_accuracy:.4f}")
     final = Evaluation(loss=float("nan"), accuracy=fitted.val_accuracy,
                        targets=features["val"][1], predictions=fitted.val_predictions)
