@@ -487,6 +487,24 @@ def best_deep(strategies: dict) -> str | None:
     return max(candidates, key=candidates.get) if candidates else None
 
 
+def derive_linear_probe_max(results: dict, tolerance: float = 0.01) -> int | None:
+    """Auto's threshold as the study measured it: the largest training-set size up to which,
+    at every size and on every dataset where the probe and a fine-tune were both measured, the
+    linear probe was within `tolerance` of the best deployable strategy. None when it never was."""
+    compared: dict[int, list[dict]] = {}
+    for (_, size), strategies in summarise(results["runs"]).items():
+        if "LinearProbe" in strategies and any(name in strategies for name in DEEP):
+            compared.setdefault(size, []).append(strategies)
+    threshold = None
+    for size in sorted(compared):
+        for strategies in compared[size]:
+            best = strategies[best_deep(strategies)]["mean"]
+            if strategies["LinearProbe"]["mean"] < best - tolerance:
+                return threshold
+        threshold = size
+    return threshold
+
+
 def markdown_table(results: dict) -> str:
     table = summarise(results["runs"])
     header = ["dataset", "train images", *STRATEGIES, "Auto picks", "best", "Auto vs best"]

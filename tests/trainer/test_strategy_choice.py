@@ -46,9 +46,9 @@ def test_no_pretrained_weights_means_from_scratch():
 @pytest.mark.parametrize("weights", ["Pretrained", "s3://models/lite0.pth", "/models/lite0.pth"])
 def test_the_size_boundary(weights):
     boundary = strategy.LINEAR_PROBE_MAX_TRAIN_IMAGES
-    below, _ = choose_strategy("Auto", train_images=boundary - 1, weights=weights)
     at, _ = choose_strategy("Auto", train_images=boundary, weights=weights)
-    assert (below, at) == ("LinearProbe", "FineTune")
+    above, _ = choose_strategy("Auto", train_images=boundary + 1, weights=weights)
+    assert (at, above) == ("LinearProbe", "FineTune")
     assert choose_strategy("Auto", train_images=2, weights=weights)[0] == "LinearProbe"
     assert choose_strategy("Auto", train_images=60_000, weights=weights)[0] == "FineTune"
 
@@ -67,6 +67,29 @@ def study_cells():
     table = bench.summarise(json.loads(STUDY_JSON.read_text())["runs"])
     return bench, {key: {name: cell["mean"] for name, cell in cells.items()}
                    for key, cells in table.items()}
+
+
+def test_the_threshold_is_the_one_the_study_measured():
+    bench = load_bench()
+    results = json.loads(STUDY_JSON.read_text())
+    assert strategy.LINEAR_PROBE_MAX_TRAIN_IMAGES == bench.derive_linear_probe_max(results), \
+        "the study moved Auto's threshold: update LINEAR_PROBE_MAX_TRAIN_IMAGES and the page"
+
+
+def test_the_derivation_stops_at_the_first_size_where_a_fine_tune_wins():
+    bench = load_bench()
+
+    def run(size, strategy_name, accuracy):
+        return {"dataset": "d", "size": size, "strategy": strategy_name, "seed": 0,
+                "accuracy": accuracy, "seconds": 1.0}
+    runs = [run(100, "LinearProbe", 0.60), run(100, "FineTune", 0.50),
+            run(1000, "LinearProbe", 0.80), run(1000, "FineTune", 0.805),  # within a point
+            run(5000, "LinearProbe", 0.85), run(5000, "FineTuneFrozen", 0.90),
+            run(20000, "LinearProbe", 0.95), run(20000, "FineTune", 0.90),
+            run(50000, "Baseline", 0.99)]  # no probe and fine-tune to compare: ignored
+    results = {"runs": {str(i): r for i, r in enumerate(runs)}}
+    assert bench.derive_linear_probe_max(results) == 1000
+    assert bench.derive_linear_probe_max({"runs": {"0": runs[4], "1": runs[5]}}) is None
 
 
 def test_auto_is_within_one_point_of_the_best_measured_strategy():
