@@ -148,6 +148,14 @@ def upload_inputs() -> None:
     for bucket in ("datasets", "models"):
         if bucket not in existing:
             s3.create_bucket(Bucket=bucket)
+    # The same sample every time: whatever an earlier run or a test left under the prefix would
+    # be listed as training images too.
+    stale = [{"Key": obj["Key"]}
+             for page in s3.get_paginator("list_objects_v2").paginate(
+                 Bucket="datasets", Prefix="fashion-mnist/")
+             for obj in page.get("Contents", [])]
+    for start in range(0, len(stale), 1000):
+        s3.delete_objects(Bucket="datasets", Delete={"Objects": stale[start:start + 1000]})
     with tempfile.TemporaryDirectory() as scratch:
         say("writing a Fashion-MNIST sample (60 train + 20 validation images per class, 64 px) "
             "and uploading it to s3://datasets/fashion-mnist/")
