@@ -14,7 +14,7 @@ train.load_data / train.fine_tune / train.evaluate with specs validated by train
 so the study measures the product. Results: docs/strategies.json (raw), docs/strategies.md
 (table), docs/strategies.png (accuracy vs training images).
 
-    python bench/strategies.py                        # CPU-sized: 35 min on 2 shared cores
+    python bench/strategies.py                        # CPU-sized: about an hour on 2 cores
     python bench/strategies.py --full --device cuda   # all sizes up to the full 60000, 224 px
     python bench/strategies.py --report-only          # tables and plot from strategies.json
 
@@ -360,7 +360,7 @@ def run_study(settings: Settings, log=print) -> dict:
                                       "strategy": strategy, "size": size, "seed": seed,
                                       "key": key, "train": train_rows, "val": images["val"],
                                       "test": images["test"], "epochs": settings.epochs(size)})
-    started = time.perf_counter()
+    started, measured = time.perf_counter(), 0
     threads = 1 if settings.device == "cpu" else 8
     with ProcessPoolExecutor(settings.jobs, mp_context=get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
@@ -390,10 +390,13 @@ def run_study(settings: Settings, log=print) -> dict:
                                             outcome["files"], settings, runs)
                     continue
                 runs[task["key"]] = record(task, outcome, results, settings)
+                measured += 1
                 save_results(results_path, results)
                 log(f"[{elapsed:6.0f}s] {task['key']}: accuracy {outcome['accuracy']:.4f} "
                     f"({outcome['wallSeconds']:.0f} s)")
-    results["studySeconds"] = time.perf_counter() - started
+    if measured:
+        # Wall time of the runs that measured something, over every resumed part of the study.
+        results["studySeconds"] = results.get("studySeconds", 0.0) + time.perf_counter() - started
     save_results(results_path, results)
     return results
 
@@ -566,9 +569,9 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     parser.add_argument("--sizes", help="training images, comma-separated "
                         "(default 100,500,2000,10000; --full adds 60000)")
     parser.add_argument("--deep-max-size", type=int,
-                        help="largest size for the deep strategies (default 500; --full: all)")
+                        help="largest size for the deep strategies (default 10000; --full: all)")
     parser.add_argument("--probe-max-size", type=int,
-                        help="largest size for the linear probe (default 500; --full: all)")
+                        help="largest size for the linear probe (default 10000; --full: all)")
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--image-size", type=int, help="default 48 (--full: 224)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -589,9 +592,9 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     settings = Settings(
         datasets=tuple(args.datasets.split(",")), sizes=sizes,
         deep_max_size=(args.deep_max_size if args.deep_max_size is not None
-                       else max(sizes) if full else 500),
+                       else max(sizes) if full else 10000),
         probe_max_size=(args.probe_max_size if args.probe_max_size is not None
-                        else max(sizes) if full else 500),
+                        else max(sizes) if full else 10000),
         seeds=args.seeds or (3 if full else 2), image_size=args.image_size or (224 if full else 48),
         device=args.device, jobs=args.jobs or (1 if args.device == "cuda" else 2),
         images_per_run=args.images_per_run or (50000 if full else 1000),
