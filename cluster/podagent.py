@@ -33,9 +33,12 @@ What it does, per pod:
   ``spec.hostname`` and ``spec.subdomain``, as the EndpointSlice controller would publish it for
   CoreDNS (it cannot here: the API refuses loopback addresses in EndpointSlices, and every pod
   address on this machine is one). Until the name has an address the container
-  waits in ``ContainerCreating`` (a real process would retry its DNS lookup), then starts with the
-  address. The lookup happens once, at container start, and only for env values; names in
-  command or args are left as they are.
+  waits in ``ContainerCreating``, then starts with the address. A real process would start at once
+  and retry its lookup for as long as it is willing to; the agent waits that long at most (the
+  pod's ``FINETUNE_RENDEZVOUS_TIMEOUT`` when it declares one, else 600 s) and then starts the
+  container with the name unresolved, so the process fails its lookup as it would on NXDOMAIN.
+  The lookup happens once, at container start, and only for env values; names in command or args
+  are left as they are.
 
 * volumes: ConfigMap, Secret, emptyDir, downwardAPI and projected (configMap, secret, downwardAPI,
   serviceAccountToken) volumes are written into ``<state>/pods/<ns>_<name>_<uid>/volumes/<name>``.
@@ -112,6 +115,16 @@ class ConfigError(Exception):
 class NameNotResolvedYet(ConfigError):
     """A pod DNS name in the env has no address yet (its pod is not running): retried soon."""
 
+    def __init__(self, message: str, wait_seconds: float):
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
+
+
+# How long a container waits for a pod DNS name before it starts without it: the window in which
+# its process would retry the lookup itself. Pods of multi-worker FineTuneJobs declare theirs.
+NAME_WAIT_ENV = "FINETUNE_RENDEZVOUS_TIMEOUT"
+NAME_WAIT_DEFAULT_SECONDS = 600
+
 
 # <hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]], each part a DNS label.
 POD_DNS_NAME = re.compile(r"^(?P<host>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
@@ -120,9 +133,10 @@ POD_DNS_NAME = re.compile(r"^(?P<host>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
                           r"(\.svc(\.cluster\.local)?)?)?$")
 
 
-def resolve_pod_dns_names(api: client.CoreV1Api, namespace: str,
-                          env: dict[str, str]) -> dict[str, str]:
-    """env with every pod DNS name (see the module docstring) replaced by the pod's address."""
+def resolve_pod_dns_names(api: client.CoreV1Api, namespace: str, env: dict[str, str],
+                          give_up: bool = False) -> dict[str, str]:
+    """env with every pod DNS name (see the module docstring) replaced by the pod's address;
+    one without an address yet raises NameNotResolvedYet, or with give_up stays as it is."""
     resolved = dict(env)
     for key, value in env.items():
         match = POD_DNS_NAME.match(value)
@@ -138,10 +152,13 @@ def resolve_pod_dns_names(api: client.CoreV1Api, namespace: str,
         if service.spec.cluster_ip != "None":
             continue
         address = pod_dns_address(api, service, match["host"])
-        if address is None:
+        if address is None and not give_up:
+            wait = float(env.get(NAME_WAIT_ENV) or NAME_WAIT_DEFAULT_SECONDS)
             raise NameNotResolvedYet(f"{key}={value}: no address yet (pod {match['host']} of "
-                                     f"Service {service_namespace}/{match['service']} not running)")
-        resolved[key] = address
+                                     f"Service {service_namespace}/{match['service']} not "
+                                     f"running)", wait)
+        if address is not None:
+            resolved[key] = address
     return resolved
 
 
@@ -450,14 +467,16 @@ class PodRunner(threading.Thread):
         self.start_time = now()
         last_state = None
         backoff = 1.0
-        waiting_for = None
+        waiting_for, waiting_since, wait_limit = None, None, float(NAME_WAIT_DEFAULT_SECONDS)
         while not self.deleting.is_set():
             try:
-                argv, env, cwd = self.prepare(container)
+                argv, env, cwd = self.prepare(container, give_up_names=waiting_since is not None
+                                              and time.monotonic() - waiting_since > wait_limit)
             except NameNotResolvedYet as error:
                 if str(error) != waiting_for:
-                    waiting_for = str(error)
-                    log.info("%s: %s", self.key, error)
+                    waiting_for, waiting_since = str(error), waiting_since or time.monotonic()
+                    wait_limit = error.wait_seconds
+                    log.info("%s: %s (waiting up to %.0f s)", self.key, error, wait_limit)
                     self.report_waiting(container, "ContainerCreating", waiting_for)
                 self.deleting.wait(0.5)
                 continue
@@ -502,7 +521,8 @@ class PodRunner(threading.Thread):
                 return int(port["containerPort"])
         return free_port(self.pod_ip)
 
-    def prepare(self, container: dict) -> tuple[list[str], dict[str, str], Path]:
+    def prepare(self, container: dict, give_up_names: bool = False
+                ) -> tuple[list[str], dict[str, str], Path]:
         resolver = PodSpecResolver(self.agent.api, self.pod, self.poddir, self.pod_ip)
         volumes = resolver.volumes()
         root = self.poddir / "root"
@@ -529,7 +549,7 @@ class PodRunner(threading.Thread):
 
         spec_env = {k: rewrite(v) for k, v in resolver.env(container).items()}
         spec_env = resolve_pod_dns_names(self.agent.api, self.pod["metadata"]["namespace"],
-                                         spec_env)
+                                         spec_env, give_up=give_up_names)
         tmp = self.poddir / "tmp"
         tmp.mkdir(exist_ok=True)
         self.termination_log = self.poddir / "termination-log"

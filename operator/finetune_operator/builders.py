@@ -58,9 +58,6 @@ def rendezvous_service_name(finetunejob_name: str) -> str:
 
 
 RENDEZVOUS_PORT = 29500
-# Seconds a pod waits for all its peers (torchrun's rendezvous and every collective after it):
-# a gang that cannot start completely fails instead of holding GPUs.
-RENDEZVOUS_TIMEOUT_SECONDS = 600
 
 
 def worker_count(spec: dict[str, Any]) -> int:
@@ -307,7 +304,8 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
             {"name": "FINETUNE_WORKERS", "value": str(workers)},
             {"name": "MASTER_ADDR", "value": f"{job_name}-0.{service}"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-            {"name": "FINETUNE_RENDEZVOUS_TIMEOUT", "value": str(RENDEZVOUS_TIMEOUT_SECONDS)},
+            {"name": "FINETUNE_RENDEZVOUS_TIMEOUT",
+             "value": str(config.rendezvous_timeout_seconds)},
         ]
         container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT,
                                    "protocol": "TCP"})

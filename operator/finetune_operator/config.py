@@ -53,6 +53,10 @@ class OperatorConfig:
     lease_name: str = "finetune-operator"
     lease_duration_seconds: int = 15
     pushgateway_url: str = ""  # passed to trainer pods: end-of-job push; empty: off
+    # Seconds the pods of a multi-worker job wait for all their peers (torchrun's rendezvous and
+    # every collective after it): a gang that cannot start completely fails instead of holding
+    # its GPUs.
+    rendezvous_timeout_seconds: int = 600
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @classmethod
@@ -83,6 +87,7 @@ class OperatorConfig:
             lease_name=env.get("FINETUNE_LEASE_NAME", "").strip() or "finetune-operator",
             lease_duration_seconds=_int(env, "FINETUNE_LEASE_DURATION_SECONDS", 15, 3),
             pushgateway_url=env.get("FINETUNE_PUSHGATEWAY_URL", "").strip(),
+            rendezvous_timeout_seconds=_int(env, "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS", 600, 10),
             identity=(f"{pod_name}-{os.getpid()}" if pod_name
                       else f"{socket.gethostname()}-{os.getpid()}"),
         )

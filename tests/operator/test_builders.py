@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import yaml
 import kubernetes
@@ -263,5 +264,8 @@ def test_several_workers_build_an_indexed_job_and_a_headless_service():
     assert variables["MASTER_ADDR"]["value"] == (
         f"{job['metadata']['name']}-0.{service['metadata']['name']}")
     assert variables["FINETUNE_WORKERS"]["value"] == "3"
-    assert int(variables["FINETUNE_RENDEZVOUS_TIMEOUT"]["value"]) > 0
+    assert variables["FINETUNE_RENDEZVOUS_TIMEOUT"]["value"] == str(
+        CONFIG.rendezvous_timeout_seconds)
+    shorter = builders.build_trainer_job(ftj, replace(CONFIG, rendezvous_timeout_seconds=30))
+    assert env(shorter)["FINETUNE_RENDEZVOUS_TIMEOUT"]["value"] == "30"
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "4"  # per worker

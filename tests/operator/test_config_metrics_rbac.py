@@ -14,14 +14,16 @@ def test_config_from_environment():
         "FINETUNE_WATCH_NAMESPACES": "team-a, team-b,,",
         "FINETUNE_OPERATOR_METRICS_PORT": "9090", "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",
         "FINETUNE_PROGRESS_INTERVAL_SECONDS": "5", "FINETUNE_LOG_LEVEL": "debug",
-        "POD_NAMESPACE": "finetune-system"})
+        "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS": "120", "POD_NAMESPACE": "finetune-system"})
     assert config.watch_namespaces == ("team-a", "team-b")
     assert (config.metrics_addr, config.metrics_port) == ("127.0.0.1", 9090)
     assert config.default_gpu_resource == "amd.com/gpu"
     assert config.log_level == "DEBUG" and config.pod_namespace == "finetune-system"
+    assert config.rendezvous_timeout_seconds == 120
     defaults = OperatorConfig.from_env({})
     assert defaults.watch_namespaces == () and defaults.metrics_port == 8080
     assert defaults.metrics_addr == "0.0.0.0" and defaults.leader_election
+    assert defaults.rendezvous_timeout_seconds == 600
 
 
 @pytest.mark.parametrize("env, field", [
@@ -30,6 +32,7 @@ def test_config_from_environment():
     ({"FINETUNE_LOG_LEVEL": "LOUD"}, "FINETUNE_LOG_LEVEL"),
     ({"FINETUNE_DEFAULT_S3_ENDPOINT": "s3.local"}, "FINETUNE_DEFAULT_S3_ENDPOINT"),
     ({"FINETUNE_LEADER_ELECTION": "maybe"}, "FINETUNE_LEADER_ELECTION"),
+    ({"FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS": "5"}, "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"),
 ])
 def test_bad_config_names_the_variable(env, field):
     with pytest.raises(ConfigError, match=field):

@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
 
 from e2e_support import (apply, finetunejob, objects, s3_json, s3_secret, wait_checkpoint,
                          wait_for, wait_phase)
@@ -126,7 +127,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
         return all(phases.get(uid, "Failed") == "Failed" for uid in first_pods)
     wait_for(first_pods_failed, timeout=90, interval=0.5,
              message="both first-attempt pods to fail after one rank was killed")
-    assert time.monotonic() - killed_at < builders.RENDEZVOUS_TIMEOUT_SECONDS / 4
+    assert time.monotonic() - killed_at < OperatorConfig().rendezvous_timeout_seconds / 4
 
     current = wait_phase(kubectl, namespace, "gang", "Succeeded", "Failed", timeout=600)
     assert current["phase"] == "Succeeded", current
@@ -137,3 +138,31 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
     assert [h["epoch"] for h in report["history"]][-1] == 12
     job, = objects(kubectl, "jobs", namespace)
     assert job["status"]["failed"] >= 2 and job["status"]["succeeded"] == 2
+
+
+def test_a_group_that_cannot_all_start_fails_instead_of_holding_its_gpus(
+        kubectl, namespace, operator_factory, datasets, cluster_env):
+    # One GPU free on the untainted node: one pod of two is scheduled, the other is not, and no
+    # queue (Kueue) holds the Job back. The scheduled one must give its GPU back.
+    operator_factory([namespace], FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS="15").wait_leader()
+    s3_secret(kubectl, namespace, cluster_env)
+    apply(kubectl, finetunejob("half", namespace, datasets["fashion-mnist"], **TINY, epochs=1,
+                               backoffLimit=0, resources={"gpus": 1, "workers": 2}))
+
+    def one_pending_one_started():
+        pods = objects(kubectl, "pods", namespace)
+        scheduled = [p for p in pods if p["spec"].get("nodeName")]
+        return len(pods) == 2 and len(scheduled) == 1
+    wait_for(one_pending_one_started, timeout=60, message="one pod scheduled, one not")
+
+    current = wait_phase(kubectl, namespace, "half", "Failed", "Succeeded", timeout=180)
+    assert current["phase"] == "Failed", current
+    assert "did not all join" in current["failure"]["message"], current["failure"]
+    assert "spec.resources.workers" in current["failure"]["message"] or \
+        current["failure"].get("field") == "spec.resources.workers", current["failure"]
+
+    def nothing_holds_a_gpu():
+        return all(p["status"].get("phase") in ("Failed", "Succeeded")
+                   or p["metadata"].get("deletionTimestamp")
+                   for p in objects(kubectl, "pods", namespace))
+    wait_for(nothing_holds_a_gpu, timeout=60, message="no pod of the failed group left active")

@@ -16,7 +16,7 @@ from packaging_support import CHART, FULL_VALUES, MONITORING, REPO, find, helm_t
 
 OPERATOR_ENV = {  # what the operator reads (issue 5)
     "FINETUNE_TRAINER_IMAGE", "FINETUNE_DEFAULT_S3_ENDPOINT", "FINETUNE_DEFAULT_GPU_RESOURCE",
-    "FINETUNE_PUSHGATEWAY_URL",
+    "FINETUNE_PUSHGATEWAY_URL", "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS",
     "FINETUNE_WATCH_NAMESPACES", "FINETUNE_OPERATOR_METRICS_PORT", "FINETUNE_OPERATOR_METRICS_ADDR",
     "FINETUNE_LOG_LEVEL", "POD_NAMESPACE", "POD_NAME", "FINETUNE_LEASE_NAME",
 }
@@ -77,6 +77,7 @@ def test_deployment_runs_the_operator_with_its_configuration(helm, tmp_path):
     assert env["FINETUNE_OPERATOR_METRICS_PORT"]["value"] == "8080"
     assert env["FINETUNE_DEFAULT_GPU_RESOURCE"]["value"] == "nvidia.com/gpu"
     assert env["FINETUNE_PUSHGATEWAY_URL"]["value"] == ""  # off unless set
+    assert env["FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"]["value"] == "600"
     assert env["FINETUNE_LEASE_NAME"]["value"] == deployment["metadata"]["name"]
     # Pod selector labels are the Deployment's selector and the Service's.
     selector = spec["selector"]["matchLabels"]

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 import yaml
 
+from finetune_api.contract import ExitCode
 from finetune_trainer import distributed
 from trainer_helpers import manifest, write_three_classes
 
@@ -105,3 +106,23 @@ def test_lr_scaling_rules():
     assert distributed.lr_factor("None", 4) == 1.0
     assert distributed.lr_factor("Linear", 4) == 4.0
     assert distributed.lr_factor("Sqrt", 4) == 2.0
+
+
+def test_a_peer_that_never_joins_fails_the_pod_with_a_retryable_error(shapes, tmp_path):
+    # Pod index 1 of a two-worker job whose index-0 pod never starts (not scheduled).
+    job = manifest(str(shapes), str(tmp_path / "out"), name="alone", **SPEC,
+                   resources={"gpus": 0, "workers": 2})
+    spec_file = tmp_path / "alone.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    termination = tmp_path / "alone.termination"
+    env = {**os.environ, distributed.ENV_WORKERS: "2", distributed.ENV_COMPLETION_INDEX: "1",
+           distributed.ENV_RENDEZVOUS_TIMEOUT: "5", "MASTER_ADDR": "alone-trainer-0.alone-workers",
+           "MASTER_PORT": "29531", "FINETUNE_TERMINATION_LOG": str(termination),
+           "FINETUNE_METRICS_PORT": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "finetune_trainer", "--spec", str(spec_file)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == int(ExitCode.TRANSIENT), done.stderr[-3000:]
+    said = json.loads(termination.read_text())
+    assert said["field"] == "spec.resources.workers"
+    assert "did not all join" in said["message"] and "within 5 s" in said["message"]
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from finetune_api.contract import ExitCode
+from finetune_trainer.errors import TrainerError
+
 # Indexed Job pods: batch/v1 sets JOB_COMPLETION_INDEX, the operator sets the rest.
 ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 ENV_WORKERS = "FINETUNE_WORKERS"  # pods in the group (spec.resources.workers)
@@ -120,16 +123,27 @@ def launch_arguments(spec: dict, *, run_id: str, program: list[str],
     return arguments + program
 
 
-def launch(arguments: list[str]) -> int:
+def launch(arguments: list[str], environ=os.environ) -> int:
     """Run torchrun in this process; the exit code of the first rank that failed (so that the
-    operator's podFailurePolicy still sees the trainer's own codes), else 0."""
+    operator's podFailurePolicy still sees the trainer's own codes), else 0. Peers that did not
+    all join in time raise a TrainerError (retryable) that says so."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
     try:
         run(get_args_parser().parse_args(arguments))
     except ChildFailedError as error:
         first = min(error.failures.values(), key=lambda failure: failure.timestamp)
         return int(first.exitcode) if first.exitcode and first.exitcode > 0 else 1
+    except (dist.DistError, RendezvousError) as error:
+        workers = environ.get(ENV_WORKERS, "?")
+        timeout = environ.get(ENV_RENDEZVOUS_TIMEOUT, str(DEFAULT_RENDEZVOUS_TIMEOUT))
+        raise TrainerError(ExitCode.TRANSIENT, (
+            f"the {workers} worker pods did not all join the rendezvous at "
+            f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', DEFAULT_MASTER_PORT)} "
+            f"within {timeout} s (a peer not scheduled, not started or unreachable): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"),
+            field="spec.resources.workers") from error
     return 0
 
 

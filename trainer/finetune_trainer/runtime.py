@@ -130,7 +130,10 @@ def pod_main(argv: list[str] | None = None) -> int:
             program=["-m", "finetune_trainer", "--spec", args.spec])
         if arguments is not None:
             log(f"torchrun {' '.join(arguments)}")
-            return distributed.launch(arguments)
+            try:
+                return distributed.launch(arguments)
+            except TrainerError as error:
+                return report_failure(error, termination_log)
     if not world.is_main:
         termination_log = None
     # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
