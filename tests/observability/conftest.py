@@ -1,5 +1,5 @@
-"""The operator e2e fixtures (operator_factory, datasets) for the observability tests, loaded
-from tests/operator/conftest.py rather than copied."""
+"""The operator e2e fixtures (operator_factory, datasets, installed_crd) for the observability
+tests, loaded from tests/operator/conftest.py rather than copied."""
 
 import importlib.util
 import sys
@@ -15,3 +15,4 @@ _spec.loader.exec_module(_fixtures)
 
 operator_factory = _fixtures.operator_factory
 datasets = _fixtures.datasets
+installed_crd = _fixtures.installed_crd

@@ -20,16 +20,7 @@ from finetune_trainer.pushgateway import JOB as PUSH_JOB, PushedRun
 
 from e2e_support import SECRET, apply, get, s3_secret, wait_for
 
-pytestmark = pytest.mark.cluster
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def installed_crd(kubectl):
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev",
-            "--timeout=60s")
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
 
 
 @pytest.fixture
