@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune_api import contract
 
-from finetune_operator.builders import CONTAINER_NAME
+from finetune_operator.builders import CONTAINER_NAME, worker_count
 
 Manifest = dict[str, Any]
 
@@ -248,8 +248,7 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
 
 def group_attempts(spec: dict[str, Any], pods: int) -> int:
     """Attempts of the whole group: a multi-worker job starts (and restarts) all its pods."""
-    workers = max(1, int((spec.get("resources") or {}).get("workers", 1)))
-    return -(-pods // workers)
+    return -(-pods // max(1, worker_count(spec)))
 
 
 def _started(pod: Manifest) -> bool:

@@ -225,9 +225,13 @@ def s3_keys(s3_client, uri: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def s3_json(s3_client, uri: str) -> dict:
+def s3_bytes(s3_client, uri: str) -> bytes:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_json(s3_client, uri: str) -> dict:
+    return json.loads(s3_bytes(s3_client, uri))
 
 
 def wait_checkpoint(s3_client, output_uri: str, timeout: float = 240) -> None:

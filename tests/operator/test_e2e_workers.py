@@ -18,8 +18,8 @@ import torch
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 
-from e2e_support import (apply, finetunejob, objects, s3_json, s3_secret, wait_checkpoint,
-                         wait_for, wait_phase)
+from e2e_support import (apply, finetunejob, objects, s3_bytes, s3_json, s3_secret,
+                         wait_checkpoint, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
 
@@ -38,9 +38,7 @@ def test_the_two_worker_example_is_accepted_by_the_api_server(kubectl, namespace
 
 
 def model_weights(s3_client, output_uri: str) -> dict[str, torch.Tensor]:
-    bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
-    body = s3_client.get_object(Bucket=bucket, Key=f"{prefix}model.safetensors")["Body"].read()
-    return safetensors.torch.load(body)
+    return safetensors.torch.load(s3_bytes(s3_client, f"{output_uri}model.safetensors"))
 
 
 def test_two_worker_pods_train_to_the_weights_of_one_pod_with_the_same_global_batch(

@@ -22,18 +22,25 @@ SPEC = {"model": {"backbone": "test_efficientnet_gn", "weights": "None", "imageS
         "schedule": {"name": "Constant"}, "baseline": {"enabled": False}, "epochs": 2}
 
 
+def trainer_process(tmp_path, name: str, job: dict, *, launcher: tuple[str, ...] = (),
+                    **env: str) -> subprocess.CompletedProcess:
+    """The pod's command on `job` (written to <name>.yaml): `python -m finetune_trainer --spec
+    FILE`, or under `python -m <launcher...>`; its termination message goes to <name>.termination."""
+    spec_file = tmp_path / f"{name}.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / f"{name}.termination"),
+           "FINETUNE_METRICS_PORT": "0", "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", *launcher, "finetune_trainer", "--spec",
+                           str(spec_file)], env=env, capture_output=True, text=True, timeout=300)
+
+
 def run_pod(tmp_path, name: str, *, processes: int, batch_size: int, dataset) -> dict:
     """`python -m finetune_trainer --spec FILE` as in a pod, FINETUNE_PROCESSES_PER_POD ranks."""
     out = tmp_path / name
     job = manifest(str(dataset), str(out), name=name, batchSize=batch_size, **SPEC)
-    spec_file = tmp_path / f"{name}.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    env = {**os.environ, distributed.ENV_PROCESSES_PER_POD: str(processes),
-           "FINETUNE_TERMINATION_LOG": str(tmp_path / f"{name}.termination"),
-           "FINETUNE_METRICS_PORT": "0", "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "finetune_trainer", "--spec", str(spec_file)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = trainer_process(tmp_path, name, job,
+                           **{distributed.ENV_PROCESSES_PER_POD: str(processes)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"weights": safetensors.torch.load_file(out / "model.safetensors"),
             "report": json.loads((out / "report.json").read_text()),
@@ -68,14 +75,8 @@ def subprocess_world_of_one(tmp_path, dataset) -> dict:
     name = "rank1"
     out = tmp_path / name
     job = manifest(str(dataset), str(out), name=name, batchSize=8, **SPEC)
-    spec_file = tmp_path / f"{name}.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    env = {**os.environ, "FINETUNE_METRICS_PORT": "0", "OMP_NUM_THREADS": "1",
-           "FINETUNE_TERMINATION_LOG": str(tmp_path / f"{name}.termination"),
-           "FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=1", "-m", "finetune_trainer", "--spec",
-                           str(spec_file)], env=env, capture_output=True, text=True, timeout=300)
+    done = trainer_process(tmp_path, name, job, launcher=(
+        "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"weights": safetensors.torch.load_file(out / "model.safetensors")}
 
@@ -112,17 +113,12 @@ def test_a_peer_that_never_joins_fails_the_pod_with_a_retryable_error(shapes, tm
     # Pod index 1 of a two-worker job whose index-0 pod never starts (not scheduled).
     job = manifest(str(shapes), str(tmp_path / "out"), name="alone", **SPEC,
                    resources={"gpus": 0, "workers": 2})
-    spec_file = tmp_path / "alone.yaml"
-    spec_file.write_text(yaml.safe_dump(job))
-    termination = tmp_path / "alone.termination"
-    env = {**os.environ, distributed.ENV_WORKERS: "2", distributed.ENV_COMPLETION_INDEX: "1",
-           distributed.ENV_RENDEZVOUS_TIMEOUT: "5", "MASTER_ADDR": "alone-trainer-0.alone-workers",
-           "MASTER_PORT": "29531", "FINETUNE_TERMINATION_LOG": str(termination),
-           "FINETUNE_METRICS_PORT": "0", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "finetune_trainer", "--spec", str(spec_file)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = trainer_process(tmp_path, "alone", job, **{
+        distributed.ENV_WORKERS: "2", distributed.ENV_COMPLETION_INDEX: "1",
+        distributed.ENV_RENDEZVOUS_TIMEOUT: "5", "MASTER_ADDR": "alone-trainer-0.alone-workers",
+        "MASTER_PORT": "29531"})
     assert done.returncode == int(ExitCode.TRANSIENT), done.stderr[-3000:]
-    said = json.loads(termination.read_text())
+    said = json.loads((tmp_path / "alone.termination").read_text())
     assert said["field"] == "spec.resources.workers"
     assert "did not all join" in said["message"] and "within 5 s" in said["message"]
     assert not (tmp_path / "out").exists()  # nothing written
