@@ -13,6 +13,9 @@ from finetune_operator.config import ConfigError, OperatorConfig
 def main(argv: list[str] | None = None) -> int:
     try:
         config = OperatorConfig.from_env()
+        # Before any logging or thread starts: without a cluster to talk to, say so in one line.
+        from finetune_operator.kube import load_kube_config
+        load_kube_config()
     except ConfigError as error:
         print(f"finetune-operator: configuration error: {error}", file=sys.stderr)
         return 2

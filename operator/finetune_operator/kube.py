@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 
 from finetune_api import GROUP, PLURAL, VERSION
 
+from finetune_operator.config import ConfigError
 from finetune_operator.status import timestamp
 
 Manifest = dict[str, Any]
@@ -39,10 +40,20 @@ class NotOurs(Exception):
 
 
 def load_kube_config() -> None:
+    """The in-cluster service account, else a kubeconfig; ConfigError (one line) naming what is
+    missing when neither is usable."""
     try:
         kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
+        return
+    except kubernetes.config.ConfigException as error:
+        in_cluster = str(error)
+    try:
         kubernetes.config.load_kube_config()
+    except Exception as error:  # the loader raises ConfigException, OSError, YAMLError, ...
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"no Kubernetes configuration: no in-cluster service account "
+                          f"({in_cluster.rstrip('.')}) and no usable kubeconfig "
+                          f"(KUBECONFIG or ~/.kube/config: {reason})") from None
 
 
 class Kube:
