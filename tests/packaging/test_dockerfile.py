@@ -1,11 +1,15 @@
-"""The Dockerfile, parsed (no Docker engine here): targets, users, entry points, pinned bases,
-COPY sources that exist and survive .dockerignore, and final stages without build tools."""
+"""The Dockerfile, parsed: targets, users, entry points, pinned bases, COPY sources that exist and
+survive .dockerignore, final stages without build tools, syntax that Debian's buildah builds, and
+the content hash cluster/images.sh tags the images with. Building and running the images:
+test_images_build.py."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass, field
 
@@ -130,12 +134,26 @@ def test_operator_image_has_no_torch():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     operator_deps = pyproject["dependencies"] + pyproject["optional-dependencies"]["operator"]
     assert not any(re.match(r"(torch|torchvision|timm)\b", d) for d in operator_deps)
-    build = stages()["operator-build"]
-    runs = " ".join(build.all("RUN"))
+    runs = " ".join(run for stage in lineage("operator-build") for run in stage.all("RUN"))
     assert "requirements-operator.txt" in runs and "requirements-trainer.txt" not in runs
-    # The final stage copies only the operator's environment.
+    # The final stage copies only the operator's environment (without pip) and the project.
     copies = stages()["operator"].all("COPY")
-    assert copies == ["--from=operator-build /opt/venv /opt/venv"]
+    assert copies == ["--from=operator-venv /opt/venv /opt/venv",
+                      "--from=operator-build /opt/finetune /opt/finetune"]
+    assert lineage("operator-venv")[1].name == "operator-deps"
+
+
+def test_a_code_change_leaves_the_environment_layer_alone():
+    """The final stages copy the environment from a stage that never sees the sources, so a code
+    change adds a small layer instead of another copy of the 6 GB environment."""
+    for target in ("operator", "trainer"):
+        venv_stage, build_stage = (c.split()[0].removeprefix("--from=")
+                                   for c in stages()[target].all("COPY"))
+        for stage in lineage(venv_stage):
+            assert not [c for c in stage.all("COPY") if c.split()[0] != "pyproject.toml"], stage
+        env = " ".join(stages()[target].all("ENV"))
+        assert "PYTHONPATH=/opt/finetune" in env and "/opt/finetune/bin:/opt/venv/bin" in env
+        assert "--target /opt/finetune" in " ".join(stages()[build_stage].all("RUN"))
 
 
 def test_final_stages_have_no_build_tools():
@@ -173,13 +191,27 @@ def test_copy_sources_exist_and_are_in_the_build_context():
 
 
 def test_dependencies_are_installed_before_sources_are_copied():
-    """Layer order for cache reuse: a code change must not reinstall torch."""
+    """Layer order for cache reuse: a code change (or a README edit) must not reinstall torch."""
+    assert stages()["builder"].all("COPY") == ["pyproject.toml ./"]
     for name in ("operator-build", "trainer-build"):
-        steps = stages()[name].instructions
+        steps = [step for stage in reversed(lineage(name)) for step in stage.instructions]
         install = next(i for i, (kw, a) in enumerate(steps) if kw == "RUN" and "-r requirements" in a)
-        first_source = next(i for i, (kw, a) in enumerate(steps)
-                            if kw == "COPY" and a.split()[0] in ("api", "operator", "trainer"))
+        first_source = next(i for i, (kw, a) in enumerate(steps) if kw == "COPY" and
+                            a.split()[0] in ("README.md", "api", "operator", "trainer"))
         assert install < first_source, name
+
+
+def test_plain_syntax_that_debian_buildah_builds():
+    """buildah 1.28 (Debian bookworm) parses no heredocs and no BuildKit-only flags, and a
+    `# syntax=` line would make BuildKit pull a frontend image from the internet."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    for keyword, args in instructions(text):
+        assert "<<" not in args, f"{keyword} uses a heredoc: {args.splitlines()[0]}"
+        if keyword == "RUN":
+            assert not re.match(r"--(mount|network|security)\b", args), f"RUN {args[:40]}"
+        if keyword in ("COPY", "ADD"):
+            assert not re.search(r"--(link|parents|exclude|chmod|checksum)\b", args), args
 
 
 def test_dockerignore_keeps_the_context_small():
@@ -187,3 +219,59 @@ def test_dockerignore_keeps_the_context_small():
         assert dockerignore_excludes(path), f"{path} would be sent to the build"
     for path in ("pyproject.toml", "api", "operator", "trainer"):
         assert not dockerignore_excludes(path)
+
+
+# --- cluster/images.sh: the content hash in the images' tags ----------------------------------
+
+IMAGES_SH = REPO / "cluster" / "images.sh"
+
+
+def images_sh(tree, *args: str) -> str:
+    result = subprocess.run([str(tree / "cluster" / "images.sh"), *args], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_hash_covers_the_build_context_after_dockerignore():
+    files = images_sh(REPO, "files").split()
+    tracked = subprocess.run(["git", "ls-files", "api", "operator", "trainer"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert set(tracked) <= set(files)
+    assert {"Dockerfile", "pyproject.toml", "README.md"} <= set(files)
+    for path in files:
+        assert path in ("Dockerfile", "pyproject.toml", "README.md") or \
+            path.split("/")[0] in ("api", "operator", "trainer"), path
+        assert "__pycache__" not in path and not path.endswith(".pyc") and ".egg-info" not in path
+        assert path == "Dockerfile" or not dockerignore_excludes(path), path
+
+
+def test_the_hash_changes_with_what_goes_into_the_images_only(tmp_path):
+    tree = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    (tree / "cluster").mkdir(parents=True)
+    shutil.copy2(IMAGES_SH, tree / "cluster" / "images.sh")
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, tree / name)
+    for name in ("api", "operator", "trainer"):
+        shutil.copytree(REPO / name, tree / name, ignore=ignore)
+    first = images_sh(tree, "hash").strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", first)
+
+    (tree / "docs").mkdir()
+    (tree / "docs" / "notes.md").write_text("not in the image")
+    (tree / "trainer" / "finetune_trainer" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "trainer" / "finetune_trainer" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"0")
+    assert images_sh(tree, "hash").strip() == first, "a file outside the build context counted"
+
+    (tree / "trainer" / "finetune_trainer" / "new_module.py").write_text("")
+    second = images_sh(tree, "hash").strip()
+    assert second != first
+    with open(tree / "Dockerfile", "a") as dockerfile:
+        dockerfile.write("\n# a comment is a change too\n")
+    third = images_sh(tree, "hash").strip()
+    assert third not in (first, second)
+    script = tree / "cluster" / "images.sh"
+    script.write_text(script.read_text().replace(",ca-certificates", ",ca-certificates,curl", 1))
+    assert images_sh(tree, "hash").strip() not in (first, second, third), \
+        "the base image's recipe is not in the hash"
