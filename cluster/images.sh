@@ -47,7 +47,9 @@ for glibc in {5..36}; do WHEEL_PLATFORM+=(--platform "manylinux_2_${glibc}_x86_6
 
 # This machine's container runtime: crun refuses its hybrid cgroup hierarchy, runc with cgroupfs
 # works; podman's default open-files and process limits exceed the machine's hard limits.
-PODMAN=(podman --root "$CACHE_DIR/containers/storage" --runroot /run/finetune-operator-containers
+# Storage under $CACHE_DIR; its run state on tmpfs, one directory per storage.
+PODMAN=(podman --root "$CACHE_DIR/containers/storage"
+        --runroot "/run/finetune-operator-containers-$(printf %s "$CACHE_DIR" | sha256sum | cut -c1-8)"
         --storage-driver overlay --runtime runc --cgroup-manager cgroupfs --events-backend file)
 ULIMITS=(--ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
 
