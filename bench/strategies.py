@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -47,12 +46,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 DEEP = ("FineTuneFrozen", "FineTune", "FromScratch")
-STRATEGIES = ("Baseline", "LinearProbe", *DEEP)
-# The policy a practitioner would declare; the same for every size so sizes compare.
+STRATEGIES = ("Baseline", "LinearProbe", *DEEP, "Auto")
+DEPLOYABLE = ("LinearProbe", *DEEP)  # what "best" is chosen from (Auto is compared with it)
+# The policy of the single-strategy columns; the same for every size so sizes compare. The
+# learning rates are the race's fast candidate's (finetune_trainer.race), which issue #16's
+# evidence found best at 1000 images; Auto's own job keeps the spec defaults (AUTO_SPEC).
 FROZEN_STAGES = 3
 LEARNING_RATE = 0.003
-BACKBONE_LR_MULTIPLIER = 0.1
+BACKBONE_LR_MULTIPLIER = 0.3
+AUTO_SPEC = {"optimizer": {"name": "AdamW"}, "schedule": {"name": "Cosine"}}
 BATCH_SIZE = 32
+QUEUE_ORDER = ("Baseline", "LinearProbe", "FineTune", "Auto", "FineTuneFrozen", "FromScratch")
 TEST_PER_CLASS = {"fashion-mnist": 50, "digits": 50}
 VAL_PER_CLASS = 5  # the training loop's per-epoch log; not used for any choice
 
@@ -67,15 +71,9 @@ class Settings:
     image_size: int
     device: str
     jobs: int
-    images_per_run: int  # epochs = images_per_run / size, clamped to [min_epochs, max_epochs]
-    min_epochs: int
-    max_epochs: int
     test_per_class: int | None  # Fashion-MNIST test images per class (None: the default above)
     work_dir: Path
     out_dir: Path
-
-    def epochs(self, size: int) -> int:
-        return max(self.min_epochs, min(self.max_epochs, math.ceil(self.images_per_run / size)))
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -166,6 +164,24 @@ def _model_spec(image_size: int, weights: str) -> dict:
             "imageSize": image_size}
 
 
+def _preprocessing(image_size: int):
+    from finetune_trainer.preprocessing import resolve_preprocessing
+    return resolve_preprocessing(_model_spec(image_size, "None"))
+
+
+def _test_accuracy(model, task: dict, run) -> tuple[float, list[int]]:
+    import torch
+    from finetune_trainer import train
+    from finetune_trainer.data import ImageDataset
+    from finetune_trainer.preprocessing import build_transform
+
+    transform = build_transform("None", _preprocessing(task["image_size"]), train=False)
+    test = torch.utils.data.DataLoader(ImageDataset(_samples(task["test"]), transform),
+                                       batch_size=128)
+    evaluation = train.evaluate(model, torch.nn.CrossEntropyLoss(), test, run)
+    return evaluation.accuracy, evaluation.predictions.tolist()
+
+
 def _device(name: str):
     import torch
     from finetune_trainer.train import Device
@@ -193,10 +209,11 @@ def task_features(task: dict) -> dict:
     files, seconds, images = {}, 0.0, 0
     for split in ("pool", "test"):
         rows = _samples(task[split])
-        loaders = load_data(SimpleNamespace(train=rows, val=rows), image_size=task["image_size"],
+        preprocessing = _preprocessing(task["image_size"])
+        loaders = load_data(SimpleNamespace(train=rows, val=rows), preprocessing=preprocessing,
                             augmentation="None", batch_size=128, workers=task["workers"], run=run,
                             seed=0)
-        key = probe.features_cache_key(model, rows, image_size=task["image_size"])
+        key = probe.features_cache_key(model, rows, preprocessing=preprocessing)
         path = Path(task["cache_dir"]) / "features" / f"{key}.npz"
         if not path.exists():
             started = time.perf_counter()
@@ -234,9 +251,7 @@ class _NoCheckpoints:
 
 
 def task_deep(task: dict) -> dict:
-    import torch
     from finetune_trainer import train
-    from finetune_trainer.data import ImageDataset, build_transform
     from finetune_trainer.metrics import TrainerMetrics
     from finetune_trainer.models import build_model
 
@@ -247,7 +262,7 @@ def task_deep(task: dict) -> dict:
     started = time.perf_counter()
     model = build_model(spec["model"], 10, load_weights=strategy != "FromScratch")
     dataset = SimpleNamespace(train=_samples(task["train"]), val=_samples(task["val"]))
-    loaders = train.load_data(dataset, image_size=spec["model"]["imageSize"],
+    loaders = train.load_data(dataset, preprocessing=_preprocessing(task["image_size"]),
                               augmentation=spec["augmentation"], batch_size=spec["batchSize"],
                               workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"])
     result = train.fine_tune(model, loaders, spec, run,
@@ -256,17 +271,49 @@ def task_deep(task: dict) -> dict:
                              classes=class_names(task["dataset"]), metrics=TrainerMetrics(),
                              log=lambda *_: None)
     train_seconds = time.perf_counter() - started
-    test = torch.utils.data.DataLoader(
-        ImageDataset(_samples(task["test"]), build_transform("None", spec["model"]["imageSize"],
-                                                             train=False)), batch_size=128)
-    evaluation = train.evaluate(model, torch.nn.CrossEntropyLoss(), test, run)
-    return {"accuracy": evaluation.accuracy, "seconds": train_seconds,
-            "epochs": len(result.history), "imagesPerSecond": result.images_per_second,
-            "predictions": evaluation.predictions.tolist()}
+    accuracy, predictions = _test_accuracy(model, task, run)
+    return {"accuracy": accuracy, "seconds": train_seconds, "epochs": len(result.history),
+            "plannedEpochs": result.planned_epochs, "bestEpoch": result.best_epoch,
+            "steps": len(result.history) * len(loaders.train),
+            "imagesPerSecond": result.images_per_second, "predictions": predictions}
+
+
+def task_auto(task: dict) -> dict:
+    """strategy: Auto as a job runs it: the race (train.auto_race) on the training images and
+    the validation set, its winner scored on the test images."""
+    from finetune_trainer import train
+    from finetune_trainer.baseline import pixel_baseline
+    from finetune_trainer.metrics import TrainerMetrics
+    from finetune_trainer.models import build_model
+
+    spec = train.resolve_spec(study_manifest(task))
+    run = _device(task["device"])
+    train.seed_everything(spec["seed"])
+    started = time.perf_counter()
+    dataset = SimpleNamespace(train=_samples(task["train"]), val=_samples(task["val"]),
+                              classes=class_names(task["dataset"]))
+    baseline = pixel_baseline(dataset.train, dataset.val, seed=spec["seed"])
+    model = build_model(spec["model"], 10)
+    loaders = train.load_data(dataset, preprocessing=_preprocessing(task["image_size"]),
+                              augmentation=spec["augmentation"], batch_size=spec["batchSize"],
+                              workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"])
+    outcome = train.auto_race(model, loaders, spec, run, dataset=dataset,
+                              baseline_accuracy=baseline.accuracy, checkpoints=_NoCheckpoints(),
+                              cache_dir=Path(task["cache_dir"]), metrics=TrainerMetrics(),
+                              log=lambda *_: None)
+    seconds = time.perf_counter() - started
+    accuracy, predictions = _test_accuracy(outcome.model, task, run)
+    finalist = next(e for e in outcome.leaderboard if e["outcome"].startswith("finalist"))
+    return {"accuracy": accuracy, "seconds": seconds, "winner": outcome.strategy,
+            "finalist": finalist["candidate"], "steps": finalist["steps"],
+            "epochs": finalist["epochs"], "race": outcome.race,
+            "leaderboard": outcome.leaderboard, "predictions": predictions}
 
 
 def study_manifest(task: dict) -> dict:
-    """The FineTuneJob a practitioner would write for this strategy."""
+    """The FineTuneJob a practitioner would write for this strategy. No epochs: the trainer
+    sizes them by optimizer steps and early stopping keeps the best epoch on the validation
+    set (which is not the test set)."""
     strategy = task["strategy"]
     freeze = ({"policy": "FirstStages", "stages": FROZEN_STAGES, "batchNorm": "Frozen"}
               if strategy == "FineTuneFrozen" else {"policy": "None"})
@@ -274,18 +321,20 @@ def study_manifest(task: dict) -> dict:
         "dataset": {"uri": task["root"]},
         "model": _model_spec(task["image_size"], "None" if strategy == "FromScratch"
                              else _weights_path()),
-        "strategy": "FromScratch" if strategy == "FromScratch" else "FineTune",
+        "strategy": {"FromScratch": "FromScratch", "Auto": "Auto"}.get(strategy, "FineTune"),
         "freeze": freeze,
         "optimizer": {"name": "AdamW", "learningRate": LEARNING_RATE,
                       "backboneLrMultiplier": BACKBONE_LR_MULTIPLIER},
         "schedule": {"name": "Cosine"},
-        "epochs": task["epochs"], "batchSize": BATCH_SIZE,
-        # Flips turn digits into other shapes; clothes survive them.
-        "augmentation": "Light" if task["dataset"] == "fashion-mnist" else "None",
+        "batchSize": BATCH_SIZE, "augmentation": "None",
         "dataLoaderWorkers": task["workers"], "seed": task["seed"],
-        "checkpoint": {"everyEpochs": task["epochs"]},
         "output": {"uri": str(Path(tempfile.gettempdir()) / "strategies-study-unused")},
     }
+    if strategy == "Auto":
+        # Auto's job: the spec defaults, and the augmentation a user would pick (flips turn
+        # digits into other shapes; clothes survive them).
+        spec.update(AUTO_SPEC, augmentation="Light" if task["dataset"] == "fashion-mnist"
+                    else "None")
     return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": "strategies-study"}, "spec": spec}
 
@@ -293,7 +342,8 @@ def study_manifest(task: dict) -> dict:
 def run_task(task: dict) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     handler = {"baseline": task_baseline, "features": task_features,
-               "linearProbe": task_linear_probe, "deep": task_deep}[task["kind"]]
+               "linearProbe": task_linear_probe, "deep": task_deep,
+               "auto": task_auto}[task["kind"]]
     result = handler(task)
     result["wallSeconds"] = time.perf_counter() - started
     # On a shared machine wall time follows the other jobs' load; CPU time much less so.
@@ -348,18 +398,20 @@ def run_study(settings: Settings, log=print) -> dict:
             queue.insert(0, {**common, "kind": "features", "dataset": dataset,
                              "root": images["root"], "pool": probed, "test": images["test"],
                              "cache_dir": str(settings.work_dir / "cache")})
-        for size in sorted(sizes, reverse=True):  # the longest runs first
+        for size in sorted(sizes, reverse=True):
             for seed in range(settings.seeds):
                 train_rows = [images["pool"][p] for p in subset(images["pool"], size, seed)]
-                deep = DEEP if size <= settings.deep_max_size else ()
+                deep = (*DEEP, "Auto") if size <= settings.deep_max_size else ()
                 for strategy in ("Baseline", *deep):
                     key = result_key(dataset, strategy, size, seed, settings.image_size)
+                    kind = {"Baseline": "baseline", "Auto": "auto"}.get(strategy, "deep")
                     if key not in runs:
-                        queue.append({**common, "kind": "baseline" if strategy == "Baseline"
-                                      else "deep", "dataset": dataset, "root": images["root"],
-                                      "strategy": strategy, "size": size, "seed": seed,
-                                      "key": key, "train": train_rows, "val": images["val"],
-                                      "test": images["test"], "epochs": settings.epochs(size)})
+                        queue.append({**common, "kind": kind, "dataset": dataset,
+                                      "root": images["root"], "strategy": strategy, "size": size,
+                                      "seed": seed, "key": key, "train": train_rows,
+                                      "val": images["val"], "test": images["test"],
+                                      "cache_dir": str(settings.work_dir / "cache")})
+    queue.sort(key=queue_order)
     started, measured = time.perf_counter(), 0
     threads = 1 if settings.device == "cpu" else 8
     with ProcessPoolExecutor(settings.jobs, mp_context=get_context("spawn"),
@@ -388,6 +440,7 @@ def run_study(settings: Settings, log=print) -> dict:
                     # Probes are quick next to the deep runs: they go to the front.
                     queue[:0] = probe_tasks(task["dataset"], data[task["dataset"]],
                                             outcome["files"], settings, runs)
+                    queue.sort(key=queue_order)
                     continue
                 runs[task["key"]] = record(task, outcome, results, settings)
                 measured += 1
@@ -399,6 +452,15 @@ def run_study(settings: Settings, log=print) -> dict:
         results["studySeconds"] = results.get("studySeconds", 0.0) + time.perf_counter() - started
     save_results(results_path, results)
     return results
+
+
+def queue_order(task: dict) -> tuple[int, int]:
+    """Features first; then the first seed before the second, and within a seed Auto and the
+    strategies it is most often compared with before the rest, so that an interrupted study on
+    a loaded machine still compares Auto with the best single strategies."""
+    if task["kind"] == "features":
+        return (-1, -1)
+    return (task["seed"], QUEUE_ORDER.index(task["strategy"]))
 
 
 def probe_sizes(settings: Settings, pool) -> list[int]:
@@ -443,8 +505,11 @@ def record(task: dict, outcome: dict, results: dict, settings: Settings) -> dict
                      C=outcome["C"], selection=outcome.get("selection"),
                      cvAccuracy=outcome["cvAccuracy"])
     elif task["kind"] == "deep":
-        entry.update(seconds=outcome["seconds"], epochs=outcome["epochs"],
-                     imagesPerSecond=outcome["imagesPerSecond"])
+        entry.update({key: outcome[key] for key in ("seconds", "epochs", "plannedEpochs",
+                                                     "bestEpoch", "steps", "imagesPerSecond")})
+    elif task["kind"] == "auto":
+        entry.update({key: outcome[key] for key in ("seconds", "winner", "finalist", "steps",
+                                                     "epochs", "race", "leaderboard")})
     else:
         entry.update(seconds=outcome["seconds"], method=outcome["method"])
     if "predictions" in outcome:
@@ -463,71 +528,71 @@ def dataset_sizes(settings: Settings, pool: list[tuple[str, int]]) -> list[int]:
 # ---- report ----------------------------------------------------------------------------------
 
 def summarise(runs: dict) -> dict:
-    """(dataset, size) -> strategy -> {mean, std, seconds, n}."""
+    """(dataset, size) -> strategy -> {mean, std, meanSeconds, meanSteps, meanCostRatio, n}."""
     table: dict = {}
     for record in runs.values():
         cell = table.setdefault((record["dataset"], record["size"]), {}).setdefault(
-            record["strategy"], {"accuracies": [], "seconds": []})
+            record["strategy"], {"accuracies": [], "seconds": [], "steps": [], "costRatios": []})
         cell["accuracies"].append(record["accuracy"])
         cell["seconds"].append(record["seconds"])
+        if "steps" in record:
+            cell["steps"].append(record["steps"])
+        if "race" in record:
+            cell["costRatios"].append(record["race"]["costRatio"])
     for strategies in table.values():
         for cell in strategies.values():
             values = cell["accuracies"]
+            cell["n"] = len(values)
             cell["mean"] = statistics.fmean(values)
             cell["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             cell["meanSeconds"] = statistics.fmean(cell["seconds"])
+            cell["meanSteps"] = statistics.fmean(cell["steps"]) if cell["steps"] else None
+            cell["meanCostRatio"] = (statistics.fmean(cell["costRatios"])
+                                     if cell["costRatios"] else None)
     return table
 
 
-def auto_pick(size: int) -> tuple[str, str]:
-    from finetune_trainer.strategy import choose_strategy
-    return choose_strategy("Auto", train_images=size, weights="Pretrained")
-
-
-def best_deep(strategies: dict) -> str | None:
-    """The best measured strategy a job can run (the baseline is not a deployable model)."""
-    candidates = {name: cell["mean"] for name, cell in strategies.items() if name != "Baseline"}
+def best_deployable(strategies: dict) -> str | None:
+    """The best measured single strategy a job can run (the baseline is not a deployable
+    model; Auto is what is compared with it)."""
+    candidates = {name: cell["mean"] for name, cell in strategies.items() if name in DEPLOYABLE}
     return max(candidates, key=candidates.get) if candidates else None
 
 
-def derive_linear_probe_max(results: dict, tolerance: float = 0.01) -> int | None:
-    """Auto's threshold as the study measured it: the largest training-set size up to which,
-    at every size and on every dataset where the probe and a fine-tune were both measured, the
-    linear probe was within `tolerance` of the best deployable strategy. None when it never was."""
-    compared: dict[int, list[dict]] = {}
-    for (_, size), strategies in summarise(results["runs"]).items():
-        if "LinearProbe" in strategies and any(name in strategies for name in DEEP):
-            compared.setdefault(size, []).append(strategies)
-    threshold = None
-    for size in sorted(compared):
-        for strategies in compared[size]:
-            best = strategies[best_deep(strategies)]["mean"]
-            if strategies["LinearProbe"]["mean"] < best - tolerance:
-                return threshold
-        threshold = size
-    return threshold
+def auto_versus_best(results: dict) -> dict:
+    """(dataset, size) -> Auto's mean accuracy minus the best single strategy's, in points,
+    where both were measured over the same seeds."""
+    gaps = {}
+    for key, strategies in summarise(results["runs"]).items():
+        best = best_deployable(strategies)
+        if "Auto" in strategies and best and strategies["Auto"]["n"] == strategies[best]["n"]:
+            gaps[key] = 100 * (strategies["Auto"]["mean"] - strategies[best]["mean"])
+    return gaps
+
+
+def _cell(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    text = f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+    details = [f"{cell['meanSteps']:.0f} steps"] if cell["meanSteps"] else []
+    details.append(f"{cell['meanSeconds']:.0f} s")
+    return f"{text} ({', '.join(details)})" + (f" n={cell['n']}" if cell["n"] < 2 else "")
 
 
 def markdown_table(results: dict) -> str:
     table = summarise(results["runs"])
-    header = ["dataset", "train images", *STRATEGIES, "Auto picks", "best", "Auto vs best"]
+    gaps = auto_versus_best(results)
+    header = ["dataset", "train images", *STRATEGIES, "best", "Auto vs best", "race cost"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (dataset, size) in sorted(table):
         strategies = table[(dataset, size)]
-        cells = []
-        for name in STRATEGIES:
-            cell = strategies.get(name)
-            cells.append("—" if cell is None else
-                         f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f} "
-                         f"({cell['meanSeconds']:.0f} s)")
-        best = best_deep(strategies)
-        auto, _ = auto_pick(size)
-        # Auto's FineTune is the spec's freeze policy; the default (None) is the full FineTune.
-        auto_cell = strategies.get(auto)
-        gap = ("—" if auto_cell is None or best is None else
-               f"{100 * (auto_cell['mean'] - strategies[best]['mean']):+.1f}")
-        lines.append(f"| {dataset} | {size} | " + " | ".join(cells)
-                     + f" | {auto} | {best or '—'} | {gap} |")
+        best = best_deployable(strategies)
+        gap = gaps.get((dataset, size))
+        ratio = (strategies.get("Auto") or {}).get("meanCostRatio")
+        lines.append(f"| {dataset} | {size} | "
+                     + " | ".join(_cell(strategies.get(name)) for name in STRATEGIES)
+                     + f" | {best or '—'} | {'—' if gap is None else f'{gap:+.1f}'} | "
+                     + ("—" if ratio is None else f"{ratio:.2f}x") + " |")
     return "\n".join(lines)
 
 
@@ -567,18 +632,15 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
                              "224 px, 3 seeds, deep strategies at every size, the whole test split")
     parser.add_argument("--datasets", default="fashion-mnist,digits")
     parser.add_argument("--sizes", help="training images, comma-separated "
-                        "(default 100,500,2000,10000; --full adds 60000)")
+                        "(default 100,500,2000; --full: 100,500,2000,10000,60000)")
     parser.add_argument("--deep-max-size", type=int,
                         help="largest size for the deep strategies (default 10000; --full: all)")
     parser.add_argument("--probe-max-size", type=int,
                         help="largest size for the linear probe (default 10000; --full: all)")
     parser.add_argument("--seeds", type=int)
-    parser.add_argument("--image-size", type=int, help="default 48 (--full: 224)")
+    parser.add_argument("--image-size", type=int, help="default 64 (--full: 224)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--jobs", type=int, help="runs in parallel (default 2 on cpu, 1 on cuda)")
-    parser.add_argument("--images-per-run", type=int,
-                        help="epochs = this / training images, clamped to 1..5 (--full: 5..50); "
-                             "default 1000 (--full: 50000)")
     parser.add_argument("--work-dir", type=Path,
                         default=Path(os.environ.get("CACHE_DIR", Path.home() / ".cache" /
                                                     "finetune-operator")) / "bench-strategies")
@@ -588,17 +650,15 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     args = parser.parse_args(argv)
     full = args.full
     sizes = tuple(int(s) for s in (args.sizes or ("100,500,2000,10000,60000" if full else
-                                                  "100,500,2000,10000")).split(","))
+                                                  "100,500,2000")).split(","))
     settings = Settings(
         datasets=tuple(args.datasets.split(",")), sizes=sizes,
         deep_max_size=(args.deep_max_size if args.deep_max_size is not None
                        else max(sizes) if full else 10000),
         probe_max_size=(args.probe_max_size if args.probe_max_size is not None
                         else max(sizes) if full else 10000),
-        seeds=args.seeds or (3 if full else 2), image_size=args.image_size or (224 if full else 48),
+        seeds=args.seeds or (3 if full else 2), image_size=args.image_size or (224 if full else 64),
         device=args.device, jobs=args.jobs or (1 if args.device == "cuda" else 2),
-        images_per_run=args.images_per_run or (50000 if full else 1000),
-        min_epochs=5 if full else 1, max_epochs=50 if full else 5,
         test_per_class=1000 if full else None, work_dir=args.work_dir, out_dir=args.out_dir)
     return settings, args.report_only
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from finetune_api.validation import validate_spec
 from finetune_trainer import policy
-from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
+from finetune_trainer.data import ImageDataset, prepare_dataset
+from finetune_trainer.preprocessing import build_transform, resolve_preprocessing
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.models import build_model
 from finetune_trainer.samples import write_fashion_mnist
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         plain_model = copy.deepcopy(model).to(run.device)
 
         # The trainer's path: its loaders, device setup, optimizer groups and schedule.
-        loaders = load_data(dataset, image_size=args.image_size, augmentation="None",
+        preprocessing = resolve_preprocessing(spec["model"])
+        loaders = load_data(dataset, preprocessing=preprocessing, augmentation="None",
                             batch_size=args.batch_size, workers=args.workers, run=run, seed=0)
         model.to(run.device)
         if run.channels_last:
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
 
         # The plain path: the same images and transform, a textbook DataLoader and AdamW.
         plain_loader = torch.utils.data.DataLoader(
-            ImageDataset(dataset.train, build_transform("None", args.image_size, train=True)),
+            ImageDataset(dataset.train, build_transform("None", preprocessing, train=True)),
             batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
             drop_last=len(dataset.train) > args.batch_size)
         plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)

@@ -57,6 +57,12 @@ def _object(description: str, properties: dict[str, Schema], required: list[str]
     return schema
 
 
+def _rgb(description: str, **item_bounds: Any) -> Schema:
+    return {"type": "array", "description": description, "minItems": 3, "maxItems": 3,
+            "items": {"type": "number", "description": "Red, green, blue in that order.",
+                      "minimum": 0, "maximum": 1, **item_bounds}}
+
+
 def _quantity(description: str) -> Schema:
     return {"x-kubernetes-int-or-string": True, "pattern": r"^[0-9]+(\.[0-9]+)?([mkMGTPE]i?)?$",
             "description": description}
@@ -134,8 +140,22 @@ def model_schema() -> Schema:
                 "'Pretrained' for the library's own download (needs egress), or 'None' for random "
                 "initialisation.", default="Pretrained", maxLength=2048,
                 pattern=r"^(Pretrained|None|s3://.+|file:///.+|/.+)$"),
-            "imageSize": _integer("Square input size in pixels.", default=224, minimum=16,
-                                  maximum=1024),
+            "imageSize": _integer("Square input size in pixels. Default: the backbone's own "
+                                  "pretrained input size (timm pretrained_cfg, torchvision "
+                                  "weights).", minimum=16, maximum=1024),
+            "preprocessing": _object(
+                "Overrides of the input preprocessing, which otherwise comes from the backbone's "
+                "own pretrained configuration (timm pretrained_cfg, torchvision weights "
+                "transforms; ImageNet's values when it has none). report.json and the "
+                "safetensors metadata record what was used.",
+                {"mean": _rgb("Per-channel mean of RGB in [0, 1] subtracted before the network."),
+                 "std": _rgb("Per-channel standard deviation of RGB in [0, 1] divided by.",
+                             exclusiveMinimum=True),
+                 "interpolation": _enum("Resampling used to resize.",
+                                        ["Bilinear", "Bicubic", "Nearest"]),
+                 "cropPct": _number("Evaluation resizes the short side to imageSize / cropPct and "
+                                    "centre-crops imageSize; 1 keeps the whole image.",
+                                    minimum=0.1, maximum=1)}),
         },
         required=["backbone"],
     ))
@@ -265,8 +285,10 @@ def spec_schema() -> Schema:
             "freeze": freeze_schema(),
             "optimizer": optimizer_schema(),
             "schedule": schedule_schema(),
-            "epochs": _immutable(_integer("Training epochs.", default=10, minimum=1,
-                                          maximum=10000)),
+            "epochs": _immutable(_integer(
+                "Training epochs. Default: sized by optimizer steps (enough steps for a small "
+                "dataset to converge, at least a few epochs of a large one; see docs/trainer.md), "
+                "with early stopping that keeps the best epoch.", minimum=1, maximum=10000)),
             "batchSize": _integer("Images per step.", default=32, minimum=1, maximum=65536),
             "augmentation": _enum("Training augmentation preset.",
                                   ["None", "Light", "Standard", "Strong"], "Standard"),
@@ -332,11 +354,11 @@ def spec_schema() -> Schema:
         required=["dataset", "model", "output"],
         **{"x-kubernetes-validations": [
             {"rule": "!has(self.freeze) || !has(self.freeze.unfreezeAtEpoch) || "
-                     "self.freeze.unfreezeAtEpoch < self.epochs",
+                     "!has(self.epochs) || self.freeze.unfreezeAtEpoch < self.epochs",
              "message": "freeze.unfreezeAtEpoch must be less than epochs",
              "fieldPath": ".freeze.unfreezeAtEpoch"},
             {"rule": "!has(self.schedule) || !has(self.schedule.warmupEpochs) || "
-                     "self.schedule.warmupEpochs < self.epochs",
+                     "!has(self.epochs) || self.schedule.warmupEpochs < self.epochs",
              "message": "schedule.warmupEpochs must be less than epochs",
              "fieldPath": ".schedule.warmupEpochs"},
             {"rule": "self.strategy != 'FromScratch' || !has(self.freeze) || "
@@ -388,6 +410,16 @@ def status_schema() -> Schema:
                                  "workers: times the group of pods started)."),
             "resolvedStrategy": _string("The strategy that ran (Auto resolved)."),
             "strategyReason": _string("Why that strategy was chosen."),
+            "leaderboard": {
+                "type": "array", "maxItems": 8,
+                "description": "Auto: the top of the race's leaderboard (report.json has all of "
+                               "it), best first; the pixel baseline is in it but not deployable.",
+                "items": _object("One candidate of the race.", {
+                    "candidate": _string("The candidate's name, e.g. FineTune-lr0.003."),
+                    "strategy": _string("LinearProbe, FineTune, FromScratch or Baseline."),
+                    "valAccuracy": _number("Best validation accuracy it reached."),
+                    "epochs": _integer("Epochs of training it got (0: no epochs)."),
+                })},
             "progress": _object("Training progress, refreshed while running.", {
                 "epoch": _integer("Epochs completed."),
                 "totalEpochs": _integer("Epochs planned."),

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from finetune_api.contract import ExitCode
-from finetune_trainer.data import (ImageDataset, build_transform, image_problem,
-                                   prepare_dataset)
+from finetune_trainer.data import ImageDataset, image_problem, prepare_dataset
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing,
+                                            build_transform)
 from finetune_trainer.samples import FASHION_MNIST_CLASSES
 from finetune_trainer.storage import open_store, upload_directory
 
@@ -284,6 +285,11 @@ def test_image_problem_detects_bad_files(tmp_path):
     assert "UnidentifiedImageError" in image_problem(text)
 
 
+def imagenet(size: int) -> Preprocessing:
+    return Preprocessing(input_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         interpolation="bilinear", crop_pct=0.875, source="test")
+
+
 @pytest.mark.parametrize("augmentation", ["None", "Light", "Standard", "Strong"])
 def test_transforms_give_normalised_rgb_tensors(augmentation, tmp_path):
     gray = tmp_path / "gray.png"
@@ -294,7 +300,7 @@ def test_transforms_give_normalised_rgb_tensors(augmentation, tmp_path):
 
     for train in (True, False):
         dataset = ImageDataset([Sample(gray, 0), Sample(rgba, 1)],
-                               build_transform(augmentation, 64, train=train))
+                               build_transform(augmentation, imagenet(64), train=train))
         tensor, label = dataset[0]
         assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
         assert label == 0 and dataset[1][1] == 1
@@ -311,13 +317,13 @@ def test_training_augmentation_varies_and_eval_does_not(tmp_path):
     from finetune_trainer.data import Sample
 
     torch.manual_seed(0)
-    train = ImageDataset([Sample(path, 0)], build_transform("Strong", 32, train=True))
-    evaluation = ImageDataset([Sample(path, 0)], build_transform("Strong", 32, train=False))
+    train = ImageDataset([Sample(path, 0)], build_transform("Strong", imagenet(32), train=True))
+    evaluation = ImageDataset([Sample(path, 0)], build_transform("Strong", imagenet(32), train=False))
     assert not torch.equal(train[0][0], train[0][0])
     assert torch.equal(evaluation[0][0], evaluation[0][0])
 
 
 def test_unknown_augmentation_names_the_field():
     with pytest.raises(TrainerError) as caught:
-        build_transform("Extreme", 32, train=True)
+        build_transform("Extreme", imagenet(32), train=True)
     assert caught.value.field == "spec.augmentation"

@@ -8,8 +8,14 @@ import json
 import torch
 from torch import nn
 
+from finetune_trainer.preprocessing import Preprocessing
 from finetune_trainer.report import write_outputs
 from test_checkpoint import RecordingStore
+
+
+def tiny_preprocessing(size: int) -> Preprocessing:
+    return Preprocessing(input_size=size, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5),
+                         interpolation="bicubic", crop_pct=1.0, source="test")
 
 
 class Untraceable(nn.Module):
@@ -32,13 +38,14 @@ def test_report_is_written_last_and_replaces_an_old_one(tmp_path):
                                             original_delete(uri, **kw))
     report = {"valAccuracy": 0.5, "nan": float("nan")}
     outputs = write_outputs(store, str(tmp_path), nn.Sequential(nn.Flatten(), nn.Linear(12, 2)),
-                            classes=["a", "b"], image_size=2, report=report)
+                            classes=["a", "b"], preprocessing=tiny_preprocessing(2),
+                            report=report)
     assert deleted == [0]  # before the first write
     assert store.writes == ["model.safetensors", "model.torchscript.pt", "labels.json",
                             "training.png", "report.json"]
     stored = json.loads((tmp_path / "report.json").read_text())
     assert stored["status"] == "Succeeded" and "old" not in stored and stored["nan"] is None
-    assert stored["torchscript"] == {"exported": True, "method": "torch.jit.trace"}
+    assert stored["torchscript"]["exported"] is True
     assert outputs["reportUri"] == str(tmp_path / "report.json")
 
 
@@ -46,7 +53,8 @@ def test_a_failed_torchscript_export_is_recorded_in_the_report(tmp_path):
     model = Untraceable()
     report = {}
     outputs = write_outputs(RecordingStore(), str(tmp_path), model, classes=["a", "b"],
-                            image_size=4, report=report, log=lambda *_: None)
+                            preprocessing=tiny_preprocessing(4), report=report,
+                            log=lambda *_: None)
     assert outputs["torchscriptUri"] is None and not (tmp_path / "model.torchscript.pt").exists()
     assert report["torchscript"]["exported"] is False
     assert "cannot trace this" in report["torchscript"]["error"]

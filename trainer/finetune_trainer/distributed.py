@@ -77,13 +77,14 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def broadcast_flag(world: World, value: bool) -> bool:
-    """Rank 0's decision, so that every rank leaves the epoch loop together."""
+def broadcast_value(world: World, value):
+    """Rank 0's value (a decision: stop, which candidates go on), so that every rank acts on
+    the same one."""
     if not world.launched:
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
-    return bool(holder[0])
+    return holder[0]
 
 
 def lr_factor(rule: str, world_size: int) -> float:

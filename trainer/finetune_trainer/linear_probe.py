@@ -21,6 +21,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from finetune_trainer.models import head_module_name
+from finetune_trainer.preprocessing import Preprocessing
 
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]
 # k-fold CV refits every C k times; at 10000 images that took over half an hour on two CPU cores
@@ -64,9 +65,11 @@ def extract_features(model: nn.Module, loader, device: torch.device,
     return np.concatenate(features), np.concatenate(labels)
 
 
-def features_cache_key(model: nn.Module, samples, *, image_size: int) -> str:
-    """Changes with the backbone's weights, the images (path, size, mtime, label) and the size."""
-    digest = hashlib.sha256(f"{type(model).__name__}:{image_size}".encode())
+def features_cache_key(model: nn.Module, samples, *, preprocessing: Preprocessing) -> str:
+    """Changes with the backbone's weights, the images (path, size, mtime, label) and the
+    preprocessing (size, mean, std, interpolation, crop)."""
+    settings = {k: v for k, v in preprocessing.describe().items() if k != "source"}
+    digest = hashlib.sha256(f"{type(model).__name__}:{sorted(settings.items())}".encode())
     head_prefix = head_module_name(model) + "."
     for name, tensor in model.state_dict().items():
         if not name.startswith(head_prefix):

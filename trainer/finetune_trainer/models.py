@@ -56,7 +56,8 @@ def build_model(model_spec: Mapping, num_classes: int, *, store=None,
     download = load_weights and weights == "Pretrained"
     try:
         if library == "Timm":
-            model = _create_timm_model(backbone, num_classes, model_spec["imageSize"], download)
+            model = _create_timm_model(backbone, num_classes, model_spec.get("imageSize"),
+                                       download)
         else:
             model = torchvision.models.get_model(backbone, weights="DEFAULT" if download else None)
             _replace_torchvision_head(model, num_classes)
@@ -81,11 +82,12 @@ def _zero_init_head(model: nn.Module) -> None:
             parameter.zero_()
 
 
-def _create_timm_model(backbone: str, num_classes: int, image_size: int,
+def _create_timm_model(backbone: str, num_classes: int, image_size: int | None,
                        download: bool) -> nn.Module:
     cfg = timm.models.get_pretrained_cfg(backbone)
     # Transformers with learned position embeddings are built for one input size.
-    extra = {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+    extra = ({"img_size": image_size}
+             if image_size and cfg is not None and cfg.fixed_input_size else {})
     return timm.create_model(backbone, pretrained=download, num_classes=num_classes, **extra)
 
 

@@ -1,6 +1,8 @@
 """The job's outputs under spec.output.uri, and the rule that makes them safe to read:
 
-    model.safetensors, model.torchscript.pt, labels.json   written first
+    model.safetensors, model.torchscript.pt, labels.json   written first (the TorchScript model
+                                                           takes 0-255 RGB; both record the
+                                                           preprocessing)
     training.png                                           curves and confusion matrix (plots.py)
     report.json                                            written last, "status": "Succeeded"
 
@@ -24,6 +26,7 @@ from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from finetune_trainer.plots import render_report_png
+from finetune_trainer.preprocessing import Preprocessing
 from finetune_trainer.storage import join_uri
 
 MODEL_FILE = "model.safetensors"
@@ -46,21 +49,37 @@ def classification_summary(targets: np.ndarray, predictions: np.ndarray,
             "confusionMatrix": {"labels": classes, "matrix": matrix.tolist()}}
 
 
-def torchscript_bytes(model: nn.Module, image_size: int) -> bytes:
+class RawImageClassifier(nn.Module):
+    """The exported network's interface: RGB images as 0-255 values (uint8 or float), N x 3 x
+    inputSize x inputSize, already resized and cropped as report.json's `preprocessing` says;
+    the scaling to [0, 1] and the model's mean and std happen inside."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)))
+        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() - self.shift) * self.scale)
+
+
+def torchscript_bytes(model: nn.Module, preprocessing: Preprocessing) -> bytes:
     """Traced rather than scripted: tracing works for far more timm and torchvision models."""
-    example = torch.zeros(1, 3, image_size, image_size)
+    raw = RawImageClassifier(model, preprocessing.mean, preprocessing.std).eval()
+    example = torch.zeros(1, 3, preprocessing.input_size, preprocessing.input_size)
     # TorchScript is deprecated in favour of torch.export, but it is still what serving stacks
     # (TorchServe, Triton's PyTorch backend) load.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.trace(raw, example, check_trace=False)
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
 
 def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str],
-                  image_size: int, report: dict, log=print) -> dict:
+                  preprocessing: Preprocessing, report: dict, log=print) -> dict:
     """Upload the model files, then report.json (the completion marker). Returns the URIs and
     fills report["outputs"] and report["torchscript"]."""
     report_uri = join_uri(output_uri, REPORT_FILE)
@@ -69,13 +88,14 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
     model = model.eval().cpu().to(memory_format=torch.contiguous_format).float()
     # clone(): safetensors refuses tensors that share memory (tied weights).
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
-    metadata = {"classes": json.dumps(classes), "imageSize": str(image_size)}
+    metadata = {"classes": json.dumps(classes), "imageSize": str(preprocessing.input_size),
+                "preprocessing": json.dumps(preprocessing.describe())}
     model_uri = join_uri(output_uri, MODEL_FILE)
     store.write_bytes(model_uri, safetensors.torch.save(state, metadata=metadata))
     outputs = {"modelUri": model_uri, "labelsUri": join_uri(output_uri, LABELS_FILE),
                "reportUri": report_uri, "torchscriptUri": None}
     try:
-        scripted = torchscript_bytes(model, image_size)
+        scripted = torchscript_bytes(model, preprocessing)
     except Exception as error:  # noqa: BLE001 - some architectures do not trace; not fatal
         report["torchscript"] = {"exported": False,
                                  "error": f"{type(error).__name__}: {error}"[:500]}
@@ -83,7 +103,9 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
     else:
         outputs["torchscriptUri"] = join_uri(output_uri, TORCHSCRIPT_FILE)
         store.write_bytes(outputs["torchscriptUri"], scripted)
-        report["torchscript"] = {"exported": True, "method": "torch.jit.trace"}
+        report["torchscript"] = {"exported": True, "method": "torch.jit.trace",
+                                 "input": "RGB 0-255, N x 3 x inputSize x inputSize, resized and "
+                                          "cropped as in `preprocessing`"}
     store.write_bytes(outputs["labelsUri"], json.dumps(classes, indent=1).encode())
     report["outputs"] = outputs
     try:  # a picture is not worth a finished training run

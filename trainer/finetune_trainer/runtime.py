@@ -10,33 +10,16 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 
-from finetune_api import KIND, contract
+from finetune_api import contract
 from finetune_api.contract import ExitCode, termination_message
-from finetune_trainer import distributed, train
+from finetune_trainer import distributed, race, train
 from finetune_trainer.errors import TrainerError
+from finetune_trainer.manifests import read_manifest  # noqa: F401 - part of this module's API
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.pushgateway import PushedRun
 
 DEFAULT_METRICS_PORT = 9400
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The FineTuneJob in a YAML file (other documents, a Secret say, are skipped), or the one
-    mapping it holds (a bare spec)."""
-    try:
-        documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-        jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
-        document = jobs[0] if jobs else (documents[0] if len(documents) == 1 else None)
-    except FileNotFoundError as error:
-        raise TrainerError(ExitCode.INVALID_SPEC, f"no manifest at {path}", "spec") from error
-    except yaml.YAMLError as error:
-        raise TrainerError(ExitCode.INVALID_SPEC, f"{path} is not valid YAML: "
-                           f"{error}".replace("\n", " "), "spec") from error
-    if not isinstance(document, dict):
-        raise TrainerError(ExitCode.INVALID_SPEC, f"{path} holds no FineTuneJob mapping", "spec")
-    return document
 
 
 def metrics_port(manifest: dict) -> int:
@@ -90,7 +73,8 @@ def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetr
             baselineAccuracy=report["baseline"].get("accuracy"), strategy=report["strategy"],
             strategyReason=report["strategyReason"], modelUri=report["outputs"]["modelUri"],
             reportUri=report["outputs"]["reportUri"], epochs=report["epochs"]["completed"],
-            plannedEpochs=report["epochs"]["planned"], resumedFromEpoch=report["resumedFromEpoch"]))
+            plannedEpochs=report["epochs"]["planned"], resumedFromEpoch=report["resumedFromEpoch"],
+            leaderboard=race.top(report["leaderboard"]) if "leaderboard" in report else None))
         return ExitCode.SUCCEEDED
     return report_failure(problem, termination_log)
 

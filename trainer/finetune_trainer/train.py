@@ -1,5 +1,6 @@
-"""The training run, top to bottom: `train_one_epoch`, `evaluate`, `load_data`, `fine_tune`,
-`linear_probe`, `main`. Modelled on torchvision's references/classification/train.py; the policy
+"""The training run, top to bottom: `train_one_epoch`, `evaluate`, `load_data`, `FineTuneRun`
+(one fine-tune, an epoch at a time), `fine_tune`, `linear_probe`, `auto_race` (strategy Auto,
+race.py), `main`. Modelled on torchvision's references/classification/train.py; the policy
 (freeze, learning rates, schedule) lives in policy.py, the backbones in models.py."""
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from torch import nn
 from finetune_api.contract import ExitCode
 from finetune_api.validation import SpecError, validate_manifest
 from finetune_trainer import baseline as baseline_module
+from finetune_trainer import budget
 from finetune_trainer import distributed
 from finetune_trainer import linear_probe as probe
-from finetune_trainer import policy
+from finetune_trainer import policy, race
 from finetune_trainer.checkpoint import (Checkpoints, checkpoint_uri, job_identity,
                                          restore_rng_state, rng_state)
 from finetune_trainer.distributed import SINGLE, World
-from finetune_trainer.data import ImageDataset, build_transform, prepare_dataset
+from finetune_trainer.data import ImageDataset, prepare_dataset
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.models import build_model
 from finetune_trainer.preflight import check_preflight
+from finetune_trainer.preprocessing import Preprocessing, build_transform, resolve_preprocessing
 from finetune_trainer.report import classification_summary, write_outputs
 from finetune_trainer.storage import open_store
 from finetune_trainer.strategy import choose_strategy
@@ -131,16 +134,18 @@ class Loaders:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
     train_eval: torch.utils.data.DataLoader  # training images without augmentation, in order
+    preprocessing: Preprocessing
 
 
-def load_data(dataset, *, image_size: int, augmentation: str, batch_size: int, workers: int,
-              run: Device, seed: int, world: World = SINGLE) -> Loaders:
+def load_data(dataset, *, preprocessing: Preprocessing, augmentation: str, batch_size: int,
+              workers: int, run: Device, seed: int, world: World = SINGLE) -> Loaders:
     """batch_size is per process. With several processes, a DistributedSampler gives each rank
     its share of one seeded permutation, so every image is seen once per epoch."""
-    eval_transform = build_transform(augmentation, image_size, train=False)
+    eval_transform = build_transform(augmentation, preprocessing, train=False)
     common = {"batch_size": batch_size, "num_workers": workers,
               "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
-    train_images = ImageDataset(dataset.train, build_transform(augmentation, image_size, train=True))
+    train_images = ImageDataset(dataset.train,
+                                build_transform(augmentation, preprocessing, train=True))
     if world.launched:
         sampler = torch.utils.data.distributed.DistributedSampler(
             train_images, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
@@ -153,7 +158,7 @@ def load_data(dataset, *, image_size: int, augmentation: str, batch_size: int, w
             drop_last=len(dataset.train) > batch_size, **common)
     val = torch.utils.data.DataLoader(ImageDataset(dataset.val, eval_transform), **common)
     train_eval = torch.utils.data.DataLoader(ImageDataset(dataset.train, eval_transform), **common)
-    return Loaders(train=train, val=val, train_eval=train_eval)
+    return Loaders(train=train, val=val, train_eval=train_eval, preprocessing=preprocessing)
 
 
 @dataclass
@@ -167,6 +172,7 @@ class TrainingResult:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     details: dict = field(default_factory=dict)
+    planned_epochs: int = 1
 
 
 class EarlyStopping:
@@ -189,113 +195,187 @@ class EarlyStopping:
         return self.bad_epochs >= self.settings["patience"]
 
 
+def _better(evaluation: Evaluation, best: Evaluation | None) -> bool:
+    """Higher accuracy, or the same accuracy at a lower loss (small validation splits tie)."""
+    return best is None or (evaluation.accuracy, -evaluation.loss) > (best.accuracy, -best.loss)
+
+
+class FineTuneRun:
+    """One FineTune or FromScratch run in progress: model, optimizer and schedule for `epochs`
+    epochs, trained an epoch at a time, so that the Auto race can give it a few epochs, rank it,
+    and let the winner continue where it stopped. With early stopping the best epoch's weights
+    are kept and restored by `finish`."""
+
+    def __init__(self, model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
+                 strategy: str, epochs: int, world: World = SINGLE):
+        self.model, self.loaders, self.spec, self.run, self.world = model, loaders, spec, run, world
+        self.strategy, self.epochs = strategy, epochs
+        pretrained = strategy != "FromScratch"
+        self.freeze = spec["freeze"] if pretrained else {"policy": "None", "batchNorm": "Trainable"}
+        self.stages = policy.model_stages(model)
+        model.to(run.device)
+        if run.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = policy.build_optimizer(
+            policy.parameter_groups(model, self.stages, spec["optimizer"], pretrained=pretrained),
+            spec["optimizer"])
+        self.steps_per_epoch = len(loaders.train)
+        self.scheduler = policy.build_scheduler(self.optimizer, spec["schedule"],
+                                                steps_per_epoch=self.steps_per_epoch,
+                                                epochs=epochs)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=spec["labelSmoothing"])
+        self.forward = torch.compile(model) if spec["compile"] else model
+        self.early_stopping = EarlyStopping(budget.early_stopping(spec, epochs))
+        self.result = TrainingResult(final=None)
+        self.best: Evaluation | None = None
+        self.best_state: dict | None = None  # weights of the best epoch, with early stopping
+        self.epochs_done = 0
+        self.stopped = False
+        self._train_forward, self._wrapped_frozen_count = self.forward, None
+
+    @property
+    def keeps_best(self) -> bool:
+        return self.early_stopping.settings is not None
+
+    def state(self) -> dict:
+        """What a checkpoint holds to continue this run."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epochs_done,
+                "history": self.result.history, "bestValAccuracy": self.result.best_val_accuracy,
+                "bestEpoch": self.result.best_epoch, "bestState": self.best_state,
+                "bestLoss": self.best.loss if self.best else None,
+                "trainSeconds": self.result.train_seconds,
+                "earlyStopping": (self.early_stopping.best, self.early_stopping.bad_epochs),
+                "rng": rng_state(), "worldSize": self.world.size}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.epochs_done = self.result.resumed_from_epoch = state["epoch"]
+        self.result.history = list(state["history"])
+        self.result.best_val_accuracy = state["bestValAccuracy"]
+        self.result.best_epoch = state["bestEpoch"]
+        self.best_state = state.get("bestState")
+        if state.get("bestLoss") is not None:
+            self.best = Evaluation(loss=state["bestLoss"], accuracy=state["bestValAccuracy"],
+                                   targets=None, predictions=None)
+        self.result.train_seconds = state["trainSeconds"]
+        self.early_stopping.best, self.early_stopping.bad_epochs = state["earlyStopping"]
+
+    def train_epoch(self, *, metrics: TrainerMetrics | None, log=print,
+                    label: str = "") -> bool:
+        """Train and evaluate one epoch; True when early stopping says to stop."""
+        epoch, spec, world = self.epochs_done, self.spec, self.world
+        frozen_count = policy.frozen_stage_count(self.freeze, len(self.stages.stages), epoch)
+        frozen_norms = policy.apply_freeze(self.model, self.stages, frozen_count,
+                                           self.freeze["batchNorm"])
+        # The same shuffle for an epoch whether or not the run was resumed before it.
+        if world.launched:
+            self.loaders.train.sampler.set_epoch(epoch)
+            # DDP synchronises the parameters that train when it is built: build it again
+            # when gradual unfreezing changes them.
+            if frozen_count != self._wrapped_frozen_count:
+                self._train_forward = distributed_model(self.model, self.run, spec["compile"])
+                self._wrapped_frozen_count = frozen_count
+        else:
+            self.loaders.train.generator.manual_seed(spec["seed"] + epoch)
+        stats = train_one_epoch(self._train_forward, self.criterion, self.optimizer,
+                                self.scheduler, self.loaders.train, self.run,
+                                frozen_norms=frozen_norms, metrics=metrics)
+        stats = distributed.sum_epoch_stats(world, stats)
+        evaluation = evaluate(self.forward, self.criterion, self.loaders.val, self.run)
+        result = self.result
+        result.train_seconds += stats.seconds
+        self.epochs_done = epoch + 1
+        if _better(evaluation, self.best):
+            self.best = evaluation
+            result.best_val_accuracy, result.best_epoch = evaluation.accuracy, epoch + 1
+            if self.keeps_best:
+                self.best_state = {name: tensor.detach().to("cpu", copy=True)
+                                   for name, tensor in self.model.state_dict().items()}
+        result.history.append({
+            "epoch": epoch + 1, "trainLoss": stats.loss, "valLoss": evaluation.loss,
+            "valAccuracy": evaluation.accuracy, "frozenStages": frozen_count,
+            "learningRates": policy.group_learning_rates(self.optimizer),
+            "imagesPerSecond": stats.images_per_second, "seconds": stats.seconds,
+            "dataWaitSeconds": stats.data_wait_seconds})
+        if metrics is not None:
+            metrics.epoch_done(epoch=epoch + 1, train_loss=stats.loss,
+                               val_accuracy=evaluation.accuracy,
+                               best_val_accuracy=result.best_val_accuracy,
+                               images_per_second=stats.images_per_second)
+        log(f"{label}epoch {epoch + 1}/{self.epochs}  train loss {stats.loss:.4f}  val loss "
+            f"{evaluation.loss:.4f}  val accuracy {evaluation.accuracy:.4f}  "
+            f"{stats.images_per_second:.1f} images/s")
+        result.final = evaluation
+        self.stopped = distributed.broadcast_value(world, self.early_stopping.update(evaluation))
+        return self.stopped
+
+    def finish(self) -> TrainingResult:
+        """The result, with the best epoch's weights put back when early stopping keeps them."""
+        result = self.result
+        if self.keeps_best and self.best_state is not None and \
+                result.best_epoch != self.epochs_done:
+            self.model.load_state_dict(self.best_state)
+            result.final = None
+        if result.final is None:  # restored weights, or every epoch done before a restart
+            result.final = evaluate(self.forward, self.criterion, self.loaders.val, self.run)
+        trained_images = sum(h["imagesPerSecond"] * h["seconds"] for h in result.history)
+        result.images_per_second = (trained_images / result.train_seconds
+                                    if result.train_seconds else 0)
+        result.stopped_early = self.stopped
+        result.planned_epochs = self.epochs
+        return result
+
+
 def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, strategy: str,
               reason: str, checkpoints: Checkpoints, classes: list[str],
-              metrics: TrainerMetrics, log=print, world: World = SINGLE) -> TrainingResult:
+              metrics: TrainerMetrics, log=print, world: World = SINGLE,
+              trainee: FineTuneRun | None = None, extra_state: dict | None = None
+              ) -> TrainingResult:
     """FineTune or FromScratch: the epoch loop with gradual unfreezing, checkpoints every
-    spec.checkpoint.everyEpochs epochs, resume from the latest valid checkpoint, early stopping."""
-    epochs, pretrained = spec["epochs"], strategy != "FromScratch"
-    freeze = spec["freeze"] if pretrained else {"policy": "None", "batchNorm": "Trainable"}
-    stages = policy.model_stages(model)
-    model.to(run.device)
-    if run.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = policy.build_optimizer(
-        policy.parameter_groups(model, stages, spec["optimizer"], pretrained=pretrained),
-        spec["optimizer"])
-    steps_per_epoch = len(loaders.train)
-    scheduler = policy.build_scheduler(optimizer, spec["schedule"], steps_per_epoch=steps_per_epoch,
-                                       epochs=epochs)
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec["labelSmoothing"])
-    forward = torch.compile(model) if spec["compile"] else model
-    result = TrainingResult(final=None)
-    early_stopping = EarlyStopping(spec.get("earlyStopping"))
-    start_epoch = 0
-
+    spec.checkpoint.everyEpochs epochs, resume from the latest valid checkpoint, early stopping.
+    `trainee`: a run already part-trained (the Auto race's winner) to continue; `extra_state`
+    goes into its checkpoints."""
+    if trainee is None:
+        trainee = FineTuneRun(model, loaders, spec, run, strategy=strategy,
+                              epochs=budget.planned_epochs(spec, len(loaders.train)), world=world)
+    epochs = trainee.epochs
     loaded = checkpoints.load_latest()
     if loaded is not None:
-        state = loaded.state
-        if state.get("worldSize", 1) != world.size:
+        written_by = loaded.state.get("worldSize", 1)
+        if written_by != world.size:
             raise TrainerError(
                 ExitCode.INVALID_SPEC,
-                f"checkpoint {loaded.uri} was written by {state.get('worldSize', 1)} training "
+                f"checkpoint {loaded.uri} was written by {written_by} training "
                 f"processes and this run has {world.size}: resuming with another world size "
                 "would change the data order and the global batch; run with the same "
                 "resources.workers and GPUs, or set checkpoint.uri to a new location",
                 "spec.resources.workers")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        start_epoch = result.resumed_from_epoch = state["epoch"]
-        result.history = list(state["history"])
-        result.best_val_accuracy, result.best_epoch = state["bestValAccuracy"], state["bestEpoch"]
-        result.train_seconds = state["trainSeconds"]
-        early_stopping.best, early_stopping.bad_epochs = state["earlyStopping"]
-        log(f"resumed from {loaded.uri}: {start_epoch} of {epochs} epochs done")
+        trainee.restore(loaded.state)
+        log(f"resumed from {loaded.uri}: {trainee.epochs_done} of {epochs} epochs done")
     metrics.start(backbone=spec["model"]["backbone"], strategy=strategy, reason=reason,
-                  planned_epochs=epochs,
-                  planned_steps=steps_per_epoch * epochs, steps_done=steps_per_epoch * start_epoch,
-                  epochs_done=start_epoch)
-
-    train_forward, wrapped_frozen_count = forward, None
-    for epoch in range(start_epoch, epochs):
-        frozen_count = policy.frozen_stage_count(freeze, len(stages.stages), epoch)
-        frozen_norms = policy.apply_freeze(model, stages, frozen_count, freeze["batchNorm"])
-        # The same shuffle for an epoch whether or not the run was resumed before it.
-        if world.launched:
-            loaders.train.sampler.set_epoch(epoch)
-            # DDP synchronises the parameters that train when it is built: build it again
-            # when gradual unfreezing changes them.
-            if frozen_count != wrapped_frozen_count:
-                train_forward = distributed_model(model, run, spec["compile"])
-                wrapped_frozen_count = frozen_count
-        else:
-            loaders.train.generator.manual_seed(spec["seed"] + epoch)
-        stats = train_one_epoch(train_forward, criterion, optimizer, scheduler, loaders.train,
-                                run, frozen_norms=frozen_norms, metrics=metrics)
-        stats = distributed.sum_epoch_stats(world, stats)
-        evaluation = evaluate(forward, criterion, loaders.val, run)
-        result.train_seconds += stats.seconds
-        if evaluation.accuracy > result.best_val_accuracy or not result.history:
-            result.best_val_accuracy, result.best_epoch = evaluation.accuracy, epoch + 1
-        result.history.append({
-            "epoch": epoch + 1, "trainLoss": stats.loss, "valLoss": evaluation.loss,
-            "valAccuracy": evaluation.accuracy, "frozenStages": frozen_count,
-            "learningRates": policy.group_learning_rates(optimizer),
-            "imagesPerSecond": stats.images_per_second, "seconds": stats.seconds,
-            "dataWaitSeconds": stats.data_wait_seconds})
-        metrics.epoch_done(epoch=epoch + 1, train_loss=stats.loss, val_accuracy=evaluation.accuracy,
-                           best_val_accuracy=result.best_val_accuracy,
-                           images_per_second=stats.images_per_second)
-        log(f"epoch {epoch + 1}/{epochs}  train loss {stats.loss:.4f}  val loss "
-            f"{evaluation.loss:.4f}  val accuracy {evaluation.accuracy:.4f}  "
-            f"{stats.images_per_second:.1f} images/s")
-        result.final = evaluation
-        stop = distributed.broadcast_flag(world, early_stopping.update(evaluation))
-        checkpoint_due = (epoch + 1) % spec["checkpoint"]["everyEpochs"] == 0
-        if (checkpoint_due or epoch + 1 == epochs or stop) and world.is_main:
-            uri = checkpoints.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "classes": classes,
-                "history": result.history, "bestValAccuracy": result.best_val_accuracy,
-                "bestEpoch": result.best_epoch, "trainSeconds": result.train_seconds,
-                "earlyStopping": (early_stopping.best, early_stopping.bad_epochs),
-                "rng": rng_state(), "worldSize": world.size}, epoch + 1)
-            metrics.checkpoint_epoch.set(epoch + 1)
+                  planned_epochs=epochs, planned_steps=trainee.steps_per_epoch * epochs,
+                  steps_done=trainee.steps_per_epoch * trainee.epochs_done,
+                  epochs_done=trainee.epochs_done)
+    while trainee.epochs_done < epochs and not trainee.stopped:
+        stop = trainee.train_epoch(metrics=metrics, log=log)
+        done = trainee.epochs_done
+        checkpoint_due = done % spec["checkpoint"]["everyEpochs"] == 0
+        if (checkpoint_due or done == epochs or stop) and world.is_main:
+            uri = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
+                                   done)
+            metrics.checkpoint_epoch.set(done)
             log(f"checkpoint {uri}")
         distributed.barrier(world)
         if stop:
-            result.stopped_early = True
-            log(f"early stopping: no improvement of {spec['earlyStopping']['metric']} for "
-                f"{early_stopping.bad_epochs} epochs")
-            break
-
-    if result.final is None:  # every epoch was already done before a restart
-        result.final = evaluate(forward, criterion, loaders.val, run)
-    trained_images = sum(h["imagesPerSecond"] * h["seconds"] for h in result.history)
-    result.images_per_second = trained_images / result.train_seconds if result.train_seconds else 0
-    return result
+            log(f"early stopping: no improvement of "
+                f"{trainee.early_stopping.settings['metric']} for "
+                f"{trainee.early_stopping.bad_epochs} epochs; keeping epoch "
+                f"{trainee.result.best_epoch}")
+    return trainee.finish()
 
 
 def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
@@ -307,10 +387,10 @@ def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
                   planned_epochs=1, planned_steps=0)
     model.to(run.device)
     started = time.perf_counter()
-    image_size = spec["model"]["imageSize"]
     features = {}
     for split, loader in (("train", loaders.train_eval), ("val", loaders.val)):
-        key = probe.features_cache_key(model, loader.dataset.samples, image_size=image_size)
+        key = probe.features_cache_key(model, loader.dataset.samples,
+                                       preprocessing=loaders.preprocessing)
         features[split] = probe.cached_features(
             cache_dir, key, lambda: probe.extract_features(model, loader, run.device,
                                                            run.autocast_dtype))
@@ -335,6 +415,112 @@ def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
                           history=[{"epoch": 1, "valAccuracy": fitted.val_accuracy,
                                     "seconds": seconds}],
                           details={"linearProbe": probe.describe(fitted)})
+
+
+@dataclass
+class AutoOutcome:
+    model: nn.Module  # the winner's
+    result: TrainingResult
+    strategy: str
+    reason: str
+    leaderboard: list[dict]
+    race: dict
+
+
+def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, dataset,
+              baseline_accuracy: float | None, checkpoints: Checkpoints, cache_dir: Path | None,
+              metrics: TrainerMetrics, log=print, world: World = SINGLE) -> AutoOutcome:
+    """strategy: Auto (race.py): the linear probe, then the fine-tune candidates by successive
+    halving on the validation split, the finalist trained to its full length from its race
+    state, and the better of finalist and probe returned. A restart after the race (a
+    checkpoint that names the finalist) continues the finalist without racing again."""
+    classes = dataset.classes
+    probe_model = copy.deepcopy(model)
+    probe_result = linear_probe(probe_model, loaders, spec, run, cache_dir=cache_dir,
+                                classes=classes, metrics=metrics, reason="Auto race", log=log)
+    far = baseline_accuracy is not None and probe_result.best_val_accuracy <= baseline_accuracy
+    candidates = race.fine_tune_candidates(
+        stage_count=len(policy.model_stages(model).stages), train_images=len(dataset.train),
+        far_from_pretraining=far)
+    epochs = budget.planned_epochs(spec, len(loaders.train))
+    plan = race.race_plan(len(candidates), epochs)
+    candidates = candidates[:plan.candidates]
+    loaders_by_augmentation = {spec["augmentation"]: loaders}
+
+    def trainee(candidate: race.Candidate) -> FineTuneRun:
+        candidate_spec = candidate.spec(spec)
+        augmentation = candidate_spec["augmentation"]
+        if augmentation not in loaders_by_augmentation:
+            loaders_by_augmentation[augmentation] = load_data(
+                dataset, preprocessing=loaders.preprocessing, augmentation=augmentation,
+                batch_size=spec["batchSize"], workers=spec["dataLoaderWorkers"], run=run,
+                seed=spec["seed"], world=world)
+        seed_everything(spec["seed"])  # each candidate starts from the same random state
+        if candidate.strategy == "FromScratch":
+            candidate_model = build_model(spec["model"], len(classes), load_weights=False)
+        else:
+            candidate_model = copy.deepcopy(model)
+        return FineTuneRun(candidate_model, loaders_by_augmentation[augmentation],
+                           candidate_spec, run, strategy=candidate.strategy, epochs=epochs,
+                           world=world)
+
+    def entry(candidate: race.Candidate, run_: FineTuneRun, outcome: str) -> dict:
+        return race.leaderboard_entry(
+            candidate.name, candidate.strategy, val_accuracy=run_.result.best_val_accuracy,
+            epochs=run_.epochs_done, steps=run_.epochs_done * run_.steps_per_epoch,
+            seconds=run_.result.train_seconds, settings=candidate.settings(spec), outcome=outcome)
+
+    loaded = checkpoints.load_latest()
+    stored = loaded.state.get("race") if loaded is not None else None
+    if stored is not None:
+        finalist = next(c for c in candidates if c.name == stored["finalist"])
+        alive, losers = [(finalist, trainee(finalist))], stored["losers"]
+        log(f"race already run before a restart: continuing {finalist.name}")
+    else:
+        alive, losers = [(candidate, trainee(candidate)) for candidate in candidates], []
+        metrics.start(backbone=spec["model"]["backbone"], strategy="Auto", reason="race",
+                      planned_epochs=epochs, planned_steps=len(loaders.train) * (
+                          plan.loser_epochs() + epochs))
+        for rung, (rung_epochs, kept) in enumerate(plan.rungs, start=1):
+            for candidate, run_ in alive:
+                while run_.epochs_done < rung_epochs and not run_.stopped:
+                    run_.train_epoch(metrics=metrics, log=log, label=f"[{candidate.name}] ")
+            order = sorted(range(len(alive)), key=lambda i: -alive[i][1].result.best_val_accuracy)
+            order = distributed.broadcast_value(world, order)
+            alive = [alive[i] for i in order]
+            losers += [entry(c, r, f"out after rung {rung}") for c, r in alive[kept:]]
+            log(f"race rung {rung} ({rung_epochs} epochs): " + ", ".join(
+                f"{c.name} {r.result.best_val_accuracy:.3f}" for c, r in alive))
+            alive = alive[:kept]
+    finalist, finalist_run = alive[0]
+    result = fine_tune(finalist_run.model, finalist_run.loaders, finalist_run.spec, run,
+                       strategy=finalist.strategy, reason=f"Auto race finalist {finalist.name}",
+                       checkpoints=checkpoints, classes=classes, metrics=metrics, log=log,
+                       world=world, trainee=finalist_run,
+                       extra_state={"race": {"finalist": finalist.name, "losers": losers}})
+    board = [race.leaderboard_entry("LinearProbe", "LinearProbe",
+                                    val_accuracy=probe_result.best_val_accuracy, epochs=0, steps=0,
+                                    seconds=probe_result.train_seconds,
+                                    settings=probe_result.details["linearProbe"]),
+             entry(finalist, finalist_run, "finalist, trained to completion"), *losers]
+    if baseline_accuracy is not None:
+        board.append(race.leaderboard_entry(
+            "Baseline", "Baseline", val_accuracy=baseline_accuracy, epochs=0, steps=0,
+            seconds=0.0, settings={"method": baseline_module.METHOD}, deployable=False))
+    board = race.ranked(board)
+    race_seconds = probe_result.train_seconds + sum(e["seconds"] for e in losers)
+    cost_ratio = (race_seconds + result.train_seconds) / max(result.train_seconds, 1e-9)
+    probe_won = probe_result.best_val_accuracy >= result.best_val_accuracy
+    reason = race.race_reason(board, train_images=len(dataset.train),
+                              val_images=len(dataset.val), cost_ratio=cost_ratio)
+    summary = {"candidates": len(candidates) + 1, "plannedEpochs": epochs,
+               "rungs": [{"epochs": e, "kept": k} for e, k in plan.rungs],
+               "farFromPretraining": far, "finalist": finalist.name,
+               "raceSeconds": race_seconds, "finalistSeconds": result.train_seconds,
+               "costRatio": cost_ratio, "loserEpochs": sum(e["epochs"] for e in losers)}
+    if probe_won:
+        return AutoOutcome(probe_model, probe_result, "LinearProbe", reason, board, summary)
+    return AutoOutcome(finalist_run.model, result, finalist.strategy, reason, board, summary)
 
 
 def resolve_spec(manifest: dict, *, output_uri: str | None = None,
@@ -385,6 +571,8 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
     gpu = distributed.init_process_group(world)
     spec = resolve_spec(manifest, output_uri=output_uri, epochs=epochs)
     check_preflight(spec)
+    preprocessing = resolve_preprocessing(spec["model"])
+    spec["model"]["imageSize"] = preprocessing.input_size
     requested_lr = spec["optimizer"]["learningRate"]
     spec = scale_learning_rate(spec, world)
     metadata = manifest.get("metadata", {}) if "spec" in manifest else {}
@@ -405,8 +593,7 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
                               cache_dir=cache_dir or Path.home() / ".cache" / "finetune",
                               store=store)
     data_seconds = time.perf_counter() - started
-    strategy, reason = choose_strategy(spec["strategy"], train_images=len(dataset.train),
-                                       weights=spec["model"]["weights"])
+    strategy, reason = choose_strategy(spec["strategy"], weights=spec["model"]["weights"])
     log(f"{len(dataset.train)} training and {len(dataset.val)} validation images in "
         f"{len(dataset.classes)} classes; strategy {strategy} ({reason}); device "
         f"{run.device.type}, {'bf16' if run.autocast_dtype else 'fp32'}")
@@ -422,16 +609,26 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         metrics.baseline_accuracy.set(baseline_result.accuracy)
         log(f"baseline ({baseline_result.method}): val accuracy {baseline_result.accuracy:.4f}")
 
-    loaders = load_data(dataset, image_size=spec["model"]["imageSize"],
-                        augmentation=spec["augmentation"], batch_size=spec["batchSize"],
-                        workers=spec["dataLoaderWorkers"], run=run, seed=spec["seed"],
-                        world=world)
-    if strategy == "LinearProbe":
+    loaders = load_data(dataset, preprocessing=preprocessing, augmentation=spec["augmentation"],
+                        batch_size=spec["batchSize"], workers=spec["dataLoaderWorkers"], run=run,
+                        seed=spec["seed"], world=world)
+    checkpoints = Checkpoints(store, checkpoint_uri(spec), identity,
+                              keep=spec["checkpoint"]["keep"], log=log)
+    race_report = {}
+    if strategy == "Auto":
+        outcome = auto_race(model, loaders, spec, run, dataset=dataset,
+                            baseline_accuracy=distributed.broadcast_value(
+                                world, baseline_result.accuracy if baseline_result else None),
+                            checkpoints=checkpoints, cache_dir=cache_dir, metrics=metrics,
+                            log=log, world=world)
+        model, result, strategy, reason = (outcome.model, outcome.result, outcome.strategy,
+                                           outcome.reason)
+        race_report = {"leaderboard": outcome.leaderboard, "race": outcome.race}
+        log(reason)
+    elif strategy == "LinearProbe":
         result = linear_probe(model, loaders, spec, run, cache_dir=cache_dir,
                               classes=dataset.classes, metrics=metrics, reason=reason, log=log)
     else:
-        checkpoints = Checkpoints(store, checkpoint_uri(spec), identity,
-                                  keep=spec["checkpoint"]["keep"], log=log)
         result = fine_tune(model, loaders, spec, run, strategy=strategy, reason=reason,
                            checkpoints=checkpoints, classes=dataset.classes, metrics=metrics,
                            log=log, world=world)
@@ -440,15 +637,15 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
     report = {
         "status": "Running", "job": identity, "backbone": spec["model"]["backbone"],
         "library": spec["model"]["library"], "weights": spec["model"]["weights"],
-        "imageSize": spec["model"]["imageSize"], "strategy": strategy, "strategyReason": reason,
+        "imageSize": preprocessing.input_size, "preprocessing": preprocessing.describe(),
+        "strategy": strategy, "strategyReason": reason, **race_report,
         "seed": spec["seed"], "device": run.device.type,
         "precision": "bf16" if run.autocast_dtype else "fp32",
         "dataset": {"uri": spec["dataset"]["uri"], "classes": dataset.classes,
                     "trainImages": len(dataset.train), "valImages": len(dataset.val),
                     "skippedImages": len(dataset.skipped),
                     "skipped": [list(item) for item in dataset.skipped[:20]]},
-        "epochs": {"planned": spec["epochs"] if strategy != "LinearProbe" else 1,
-                   "completed": len(result.history)},
+        "epochs": {"planned": result.planned_epochs, "completed": len(result.history)},
         "resumedFromEpoch": result.resumed_from_epoch, "stoppedEarly": result.stopped_early,
         "history": result.history, "valAccuracy": result.final.accuracy,
         "bestValAccuracy": result.best_val_accuracy, "bestEpoch": result.best_epoch,
@@ -472,7 +669,7 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
     if not world.is_main:
         return report
     write_outputs(store, spec["output"]["uri"], model, classes=dataset.classes,
-                  image_size=spec["model"]["imageSize"], report=report, log=log)
+                  preprocessing=preprocessing, report=report, log=log)
     log(f"val accuracy {result.final.accuracy:.4f} (best {result.best_val_accuracy:.4f}"
         + (f", baseline {baseline_result.accuracy:.4f}" if baseline_result else "")
         + f"); model {report['outputs']['modelUri']}; report {report['outputs']['reportUri']}")
