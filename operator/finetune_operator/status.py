@@ -271,6 +271,8 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
         fields["resolvedStrategy"] = result["strategy"]
     if result.get("strategyReason"):
         fields["strategyReason"] = result["strategyReason"]
+    if isinstance(result.get("leaderboard"), list):  # Auto: the top of the race
+        fields["leaderboard"] = result["leaderboard"]
     # A LinearProbe plans one pass whatever spec.epochs says; the trainer states what it planned.
     total = result.get("plannedEpochs") or spec.get("epochs")
     epochs = result.get("epochs", total)
