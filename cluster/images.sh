@@ -150,7 +150,8 @@ PY
 }
 
 ensure_base() {
-  local tag="localhost/finetune-base:$(base_recipe | sha256sum | cut -c1-12)"
+  local tag
+  tag="localhost/finetune-base:$(base_recipe | sha256sum | cut -c1-12)"
   if pm image exists "$tag"; then
     echo "$tag"; return
   fi
