@@ -40,7 +40,7 @@ RUN for extra in operator trainer; do \
 # <target>-deps: the dependencies in /opt/venv; <target>-venv: the same without pip and setuptools,
 # the runtime's environment; <target>-build: the project itself (`pip install --target`) in
 # /opt/finetune. The final stages copy the two separately, so a code change leaves the large
-# environment layer as it was (the trainer's is 6 GB) and adds a layer of a few hundred kB.
+# environment layer as it was (the trainer's is 6 GB) and adds a layer of about 1 MB.
 FROM builder AS operator-deps
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r requirements-operator.txt
