@@ -8,7 +8,6 @@ grouping, use their top-level children in order. The new classifier head is neve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -147,38 +146,32 @@ def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
-def lr_factor(step: int, *, schedule: Mapping, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of every group's declared learning rate at optimizer step `step` (0-based):
-    linear warmup over schedule.warmupEpochs, then the named schedule over the remaining steps."""
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping, *, steps_per_epoch: int,
+                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers, stepped once per optimizer step; each scales every group's own rate,
+    so the ratios between groups hold throughout. A linear warmup over schedule.warmupEpochs
+    (LinearLR) precedes Cosine (CosineAnnealingLR to 0), Step (StepLR: gamma every stepEpochs)
+    or Constant; OneCycle is OneCycleLR (up from 1/25 of the peak over the warmup, 30 % of the
+    steps by default, then cosine down to 1/25/10^4), which has its own warmup."""
+    lr_scheduler = torch.optim.lr_scheduler
+    total_steps = max(1, steps_per_epoch * epochs)
     warmup_steps = schedule["warmupEpochs"] * steps_per_epoch
     name = schedule["name"]
     if name == "OneCycle":
-        # Like torch's OneCycleLR: up from 1/25 of the peak (over the warmup, 30% by default),
-        # then cosine annealing to 1/10^4 of the start.
-        rise = warmup_steps or max(1, int(0.3 * total_steps))
-        start, end = 1 / 25, 1 / 25 / 1e4
-        if step < rise:
-            return start + (1 - start) * (1 - math.cos(math.pi * step / rise)) / 2
-        progress = min(1.0, (step - rise) / max(1, total_steps - rise))
-        return end + (1 - end) * (1 + math.cos(math.pi * progress)) / 2
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total_steps, pct_start=warmup_steps / total_steps if warmup_steps else 0.3,
+            anneal_strategy="cos", cycle_momentum=False, div_factor=25, final_div_factor=1e4)
     if name == "Cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (1 + math.cos(math.pi * progress)) / 2
-    if name == "Step":
-        return schedule["gamma"] ** ((step - warmup_steps) // (schedule["stepEpochs"] * steps_per_epoch))
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping, *, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step; scales each group's own rate, so the ratios between
-    groups hold throughout."""
-    total_steps = steps_per_epoch * epochs
-
-    def factor(step: int) -> float:
-        return lr_factor(step, schedule=schedule, steps_per_epoch=steps_per_epoch,
-                         total_steps=total_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    elif name == "Step":
+        main = lr_scheduler.StepLR(optimizer, step_size=schedule["stepEpochs"] * steps_per_epoch,
+                                   gamma=schedule["gamma"])
+    else:
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    if warmup_steps <= 1:
+        return main
+    # (step + 1) / warmup_steps during the warmup: 1/warmup_steps at the first step, 1 at its end.
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0,
+                                   total_iters=warmup_steps - 1)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
