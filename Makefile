@@ -43,7 +43,7 @@ $(VENV)/.deps-ok: pyproject.toml | $(UV)
 
 # Everything: unit tests, tests against the real S3 server, and tests against the real local
 # cluster (started by the test session itself, stopped at its end).
-test: venv cluster-build
+test: venv cluster-build images
 	$(PY) -m finetune_api.crd --check
 	$(PY) -m pytest -ra
 
@@ -61,18 +61,20 @@ demo: cluster-up
 py:
 	@echo $(PY)
 
-# --- Local cluster (cluster/): etcd, Kubernetes control plane, kwok GPU nodes, pod agent, S3,
-# Prometheus; all on 127.0.0.1. State in $(FINETUNE_CLUSTER_DIR) (default .state/cluster).
+# --- Local cluster (cluster/): etcd, Kubernetes control plane, a real kubelet node (containerd,
+# runc, CNI bridge) running the project's images, kwok's fake GPU nodes, CoreDNS, S3, Prometheus;
+# in a network namespace and on a bridge of its own. Needs root. State in $(FINETUNE_CLUSTER_DIR)
+# (default .state/cluster).
 .PHONY: cluster-build cluster-up cluster-down cluster-status test-cluster
 
 # Builds the pinned Go binaries into $(CACHE_DIR)/tools (linked in $(CACHE_DIR)/bin) and installs
-# Debian's prometheus, pushgateway, dataset-fashion-mnist and lua5.1 if missing. Cold: ~50 min on
-# 2 busy cores; warm: under a second.
+# Debian's prometheus, pushgateway, containerd, runc, CNI plugins, dataset-fashion-mnist and lua5.1
+# if missing. Cold: ~50 min on 2 busy cores; warm: under a second.
 cluster-build:
 	@cluster/build.sh
 
-cluster-up: cluster-build venv
-	@FINETUNE_CLUSTER_PYTHON=$(PY) $(PY) cluster/localcluster.py up
+cluster-up: cluster-build venv images
+	@$(PY) cluster/localcluster.py up
 
 cluster-down:
 	@$(PYTHON) cluster/localcluster.py down
@@ -82,7 +84,7 @@ cluster-status:
 
 # The cluster's own smoke tests (the session starts a private cluster, or uses the one named by
 # FINETUNE_CLUSTER_ENV=.state/cluster/env after `make cluster-up`).
-test-cluster: venv cluster-build
+test-cluster: venv cluster-build images
 	$(PY) -m pytest -q tests/cluster
 
 # --- Images (cluster/images.sh): both Dockerfile targets built with Debian's podman on a Python

@@ -59,7 +59,7 @@ def start_cluster() -> tuple[object, dict[str, str]]:
     cache = Path(os.environ.get("CACHE_DIR") or Path.home() / ".cache" / "finetune-operator")
     os.environ["PATH"] = f"{cache / 'bin'}{os.pathsep}{os.environ['PATH']}"
     cluster = localcluster.Cluster(Path(tempfile.mkdtemp(prefix="finetune-bench-")))
-    cluster.up(sys.executable)
+    cluster.up(images={})  # its FineTuneJobs stay suspended: no pod runs
     return cluster, read_env_file(cluster.env_file)
 
 

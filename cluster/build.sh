@@ -110,6 +110,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 EOF
   log "kubernetes $version: resolving dependencies (go mod tidy)"
@@ -119,12 +120,13 @@ EOF
     ldflags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean"
   done
-  log "kubernetes $version: compiling kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (cold: 15-30 min on 2 cores)"
+  log "kubernetes $version: compiling kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet (cold: 15-30 min on 2 cores)"
   rm -rf "$dir" && mkdir -p "$dir/bin"
-  # One invocation for all four, so the packages they share are compiled once.
+  # One invocation for all five, so the packages they share are compiled once.
   (cd "$src" && go build -ldflags "$ldflags" -o "$dir/bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet)
   touch "$dir/.ok"
   link_tools "$dir"
   log "kubernetes $version: built in $(elapsed "$t")"
@@ -197,12 +199,29 @@ install_debian_packages() {
   dpkg-query -W -f '${Status}' dataset-fashion-mnist 2>/dev/null | grep -q "ok installed" ||
     missing+=("dataset-fashion-mnist=$FASHION_MNIST_DEB_VERSION")
   command -v lua5.1 >/dev/null || missing+=("lua5.1=$LUA_DEB_VERSION")
+  # The real node: containerd and runc run its pods, the CNI plugins wire them to the bridge.
+  command -v containerd >/dev/null || missing+=("containerd=$CONTAINERD_DEB_VERSION")
+  command -v runc >/dev/null || missing+=("runc=$RUNC_DEB_VERSION")
+  [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local ]] ||
+    missing+=("containernetworking-plugins=$CNI_PLUGINS_DEB_VERSION")
   if [[ ${#missing[@]} -eq 0 ]]; then
-    log "Debian packages: prometheus, prometheus-pushgateway, dataset-fashion-mnist, lua5.1 (installed)"
+    log "Debian packages: prometheus, prometheus-pushgateway, dataset-fashion-mnist, lua5.1, containerd, runc, CNI plugins (installed)"
     return 0
   fi
   log "Debian packages: installing ${missing[*]}"
   apt_install "${missing[@]}"
+}
+
+# The pod sandbox ("pause") binary for containerd's sandbox image, cached by its source's hash.
+build_pause() {
+  local version; version=$(sha256sum "$here/pause/main.go" | cut -c1-12)
+  cached pause "$version" && return 0
+  local dir="$TOOLS/pause-$version"
+  rm -rf "$dir" && mkdir -p "$dir/bin"
+  (cd "$here/pause" && GO111MODULE=off go build -ldflags "-s -w" -o "$dir/bin/finetune-pause" main.go)
+  touch "$dir/.ok"
+  link_tools "$dir"
+  log "pause $version: built"
 }
 
 main() {
@@ -212,9 +231,11 @@ main() {
   # helm first: the chart's tests want it and it builds in a few minutes; Kubernetes is the long pole.
   go_install helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  build_pause
   build_kubernetes
   build_etcd
   go_install kwok "$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  go_install coredns "$COREDNS_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION"
   go_install versitygw "$VERSITYGW_VERSION" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" \
     "-X main.Version=$VERSITYGW_VERSION"
   log "all cluster binaries ready in $BIN ($(elapsed "$started"))"
