@@ -13,7 +13,7 @@ Session fixtures: ``cluster_env`` (dict of the env file), ``kubeconfig`` (path),
 ``s3_config`` (endpoint_url, aws_access_key_id, aws_secret_access_key, region_name),
 ``s3_client`` (boto3, path-style addressing), ``prometheus_url``, ``pushgateway_url``,
 ``prometheus_query`` (``query(expr) -> list of result dicts``), ``trainer_metrics_url``
-(``url(namespace, pod) -> str | None``, where the pod agent serves that pod's metrics).
+(``url(namespace, pod) -> str | None``: ``http://<podIP>:<metrics port>/metrics`` of a running pod).
 Per test: ``namespace`` (a fresh namespace, deleted afterwards), ``make_bucket``
 (``make_bucket(prefix="test") -> name``, emptied and deleted afterwards).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -47,7 +48,8 @@ CLUSTER_FIXTURES = {
 }
 
 
-def _load_localcluster():
+@functools.cache
+def load_localcluster():
     spec = importlib.util.spec_from_file_location("localcluster", REPO / "cluster" / "localcluster.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,7 +94,7 @@ class _SessionCluster:
     """A cluster started for this test session; stopped exactly once, however the session ends."""
 
     def __init__(self):
-        self.localcluster = _load_localcluster()
+        self.localcluster = load_localcluster()
         cache = Path(os.environ.get("CACHE_DIR") or Path.home() / ".cache" / "finetune-operator")
         os.environ["PATH"] = f"{cache / 'bin'}{os.pathsep}{os.environ['PATH']}"
         self.state = Path(tempfile.mkdtemp(prefix="finetune-cluster-"))
@@ -110,12 +112,13 @@ class _SessionCluster:
             signal.signal(sig, handler)
 
     def start(self) -> Path:
-        missing = [b for b in ("etcd", "kube-apiserver", "kwok", "versitygw", "prometheus")
+        missing = [b for b in ("etcd", "kube-apiserver", "kubelet", "kwok", "coredns", "versitygw",
+                               "prometheus", "containerd", "runc", "finetune-pause")
                    if not shutil.which(b)]
         if missing:
             pytest.fail(f"cluster binaries missing ({', '.join(missing)}): run `make cluster-build`",
                         pytrace=False)
-        self.cluster.up(sys.executable)
+        self.cluster.up()
         return self.cluster.env_file
 
     def stop(self) -> None:
@@ -244,12 +247,38 @@ def prometheus_query(prometheus_url):
 
 
 @pytest.fixture(scope="session")
-def trainer_metrics_url(cluster_env):
-    """url(namespace, pod) -> http://127.0.0.1:<port>/metrics of a running trainer pod, or None."""
-    ports_file = Path(cluster_env["FINETUNE_PODAGENT_PORTS"])
+def trainer_metrics_url(api_client):
+    """url(namespace, pod) -> http://<podIP>:<port>/metrics of a running pod's container port
+    named "metrics", as Prometheus and the operator reach it; None while it has no such address."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(api_client)
 
     def url(namespace: str, pod: str) -> str | None:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            return json.loads(ports_file.read_text()).get(f"{namespace}/{pod}", {}).get("url")
-        return None
+        try:
+            found = core.read_namespaced_pod(pod, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        if found.status.phase != "Running" or not found.status.pod_ip:
+            return None
+        ports = [p.container_port for c in found.spec.containers for p in c.ports or []
+                 if p.name == "metrics"]
+        return f"http://{found.status.pod_ip}:{ports[0]}/metrics" if ports else None
     return url
+
+
+def container_processes(pod: dict, container: str | None = None) -> list[int]:
+    """Host PIDs of the processes of a pod's container (the first one, or `container`), found
+    through the container's cgroup on the real node."""
+    statuses = pod["status"].get("containerStatuses") or []
+    status = next(s for s in statuses if container in (None, s["name"]))
+    container_id = status["containerID"].split("://", 1)[1]
+    for top in Path("/sys/fs/cgroup/pids").glob("finetune-*"):
+        for directory, subdirectories, _ in os.walk(top):
+            if container_id in subdirectories:
+                procs = Path(directory, container_id, "cgroup.procs").read_text().split()
+                return [int(pid) for pid in procs]
+    return []
