@@ -71,6 +71,7 @@ class Settings:
     image_size: int
     device: str
     jobs: int
+    epochs: int | None  # None: the trainer sizes them by optimizer steps (budget.py)
     test_per_class: int | None  # Fashion-MNIST test images per class (None: the default above)
     work_dir: Path
     out_dir: Path
@@ -311,9 +312,9 @@ def task_auto(task: dict) -> dict:
 
 
 def study_manifest(task: dict) -> dict:
-    """The FineTuneJob a practitioner would write for this strategy. No epochs: the trainer
-    sizes them by optimizer steps and early stopping keeps the best epoch on the validation
-    set (which is not the test set)."""
+    """The FineTuneJob a practitioner would write for this strategy. No epochs (unless the
+    study fixes them): the trainer sizes them by optimizer steps and early stopping keeps the
+    best epoch on the validation set (which is not the test set)."""
     strategy = task["strategy"]
     freeze = ({"policy": "FirstStages", "stages": FROZEN_STAGES, "batchNorm": "Frozen"}
               if strategy == "FineTuneFrozen" else {"policy": "None"})
@@ -330,6 +331,8 @@ def study_manifest(task: dict) -> dict:
         "dataLoaderWorkers": task["workers"], "seed": task["seed"],
         "output": {"uri": str(Path(tempfile.gettempdir()) / "strategies-study-unused")},
     }
+    if task.get("epochs"):
+        spec["epochs"] = task["epochs"]
     if strategy == "Auto":
         # Auto's job: the spec defaults, and the augmentation a user would pick (flips turn
         # digits into other shapes; clothes survive them).
@@ -410,6 +413,7 @@ def run_study(settings: Settings, log=print) -> dict:
                                       "root": images["root"], "strategy": strategy, "size": size,
                                       "seed": seed, "key": key, "train": train_rows,
                                       "val": images["val"], "test": images["test"],
+                                      "epochs": settings.epochs,
                                       "cache_dir": str(settings.work_dir / "cache")})
     queue.sort(key=queue_order)
     started, measured = time.perf_counter(), 0
@@ -641,6 +645,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     parser.add_argument("--image-size", type=int, help="default 64 (--full: 224)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--jobs", type=int, help="runs in parallel (default 2 on cpu, 1 on cuda)")
+    parser.add_argument("--epochs", type=int, help="fixed epochs for the deep runs and Auto "
+                        "(default: none, the trainer sizes them by optimizer steps)")
     parser.add_argument("--work-dir", type=Path,
                         default=Path(os.environ.get("CACHE_DIR", Path.home() / ".cache" /
                                                     "finetune-operator")) / "bench-strategies")
@@ -659,7 +665,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
                         else max(sizes) if full else 10000),
         seeds=args.seeds or (3 if full else 2), image_size=args.image_size or (224 if full else 64),
         device=args.device, jobs=args.jobs or (1 if args.device == "cuda" else 2),
-        test_per_class=1000 if full else None, work_dir=args.work_dir, out_dir=args.out_dir)
+        epochs=args.epochs, test_per_class=1000 if full else None, work_dir=args.work_dir, out_dir=args.out_dir)
     return settings, args.report_only
 
 

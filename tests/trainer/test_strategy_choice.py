@@ -23,13 +23,12 @@ ONE_POINT = 1.0  # in accuracy points
 
 
 def load_bench():
-    if "bench_strategies" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_strategies",
-                                                      REPO / "bench" / "strategies.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules["bench_strategies"]
+    """bench/strategies.py as the module `strategies`, importable by the study's worker
+    processes too (spawned children get this sys.path)."""
+    bench = str(REPO / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("strategies")
 
 
 @pytest.mark.parametrize("declared", ["LinearProbe", "FineTune", "FromScratch"])
@@ -65,3 +64,26 @@ def test_every_size_where_auto_missed_the_best_by_more_than_a_point_is_on_the_pa
     for (dataset, size), gap in gaps.items():
         if gap < -ONE_POINT:
             assert f"{dataset} at {size}" in page, (dataset, size, gap)
+
+
+def test_a_short_study_measures_every_strategy_and_auto_with_its_race_cost(tmp_path):
+    """The study's own code end to end, small: digits, 30 training images, one seed, 32 px, two
+    epochs. Every column is measured, Auto's race cost is recorded, and the table compares it
+    with the best single strategy."""
+    bench = load_bench()
+    settings, _ = bench.settings_from_args([
+        "--datasets", "digits", "--sizes", "30", "--seeds", "1", "--image-size", "32",
+        "--epochs", "2", "--jobs", "1", "--work-dir", str(tmp_path / "work"),
+        "--out-dir", str(tmp_path / "out")])
+    results = bench.run_study(settings, log=lambda *_: None)
+    runs = {run["strategy"]: run for run in results["runs"].values()}
+    assert set(runs) == set(bench.STRATEGIES)
+    auto = runs["Auto"]
+    assert auto["race"]["costRatio"] >= 1 and auto["steps"] > 0
+    assert {entry["strategy"] for entry in auto["leaderboard"]} >= {"LinearProbe", "Baseline"}
+    assert all(runs[name]["epochs"] == 2 and runs[name]["steps"] == 2 for name in bench.DEEP)
+    gap = bench.auto_versus_best(results)[("digits", 30)]
+    best = max(runs[name]["accuracy"] for name in bench.DEPLOYABLE)
+    assert gap == pytest.approx(100 * (auto["accuracy"] - best))
+    table = bench.markdown_table(results)
+    assert "| digits | 30 |" in table and f"{gap:+.1f}" in table
