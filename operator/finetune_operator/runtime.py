@@ -68,6 +68,9 @@ async def run(config: OperatorConfig) -> None:
     try:
         await kopf.operator(
             standalone=True,
+            # kopf's default identity asks the passwd database for the user, which has no entry
+            # for the uid a pod runs as (65532 here): name it as the Lease does.
+            identity=config.identity,
             clusterwide=not config.watch_namespaces,
             namespaces=list(config.watch_namespaces),
             memo=kopf.Memo(config=config, view=view, reconciler=reconciler),
