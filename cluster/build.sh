@@ -13,6 +13,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 
 CACHE_DIR="${CACHE_DIR:-$HOME/.cache/finetune-operator}"
 TOOLS="$CACHE_DIR/tools"
@@ -25,9 +27,7 @@ export CGO_ENABLED=0
 export GOFLAGS="-trimpath -buildvcs=false -mod=mod -p=2"
 export GOTOOLCHAIN=local
 
-log() { printf '\033[1m>> %s\033[0m\n' "$*" >&2; }
 started=$SECONDS
-elapsed() { printf '%dm%02ds' $(((SECONDS - $1) / 60)) $(((SECONDS - $1) % 60)); }
 
 # link_tools DIR: expose every binary of a versioned tool directory in $CACHE_DIR/bin.
 link_tools() {
@@ -164,28 +164,6 @@ EOF
   touch "$dir/.ok"
   link_tools "$dir"
   log "etcd $version: built in $(elapsed "$t")"
-}
-
-# apt_install PACKAGE=VERSION...: install Debian packages without starting their services (a
-# packaged Prometheus would otherwise listen on all interfaces on a machine with systemd).
-apt_install() {
-  local policy=/usr/sbin/policy-rc.d added_policy=""
-  local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy"
-    added_policy=1
-  fi
-  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
-    log "apt-get update"; $sudo apt-get update -q
-  fi
-  local ok=0
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" || ok=$?
-  if [[ $ok -ne 0 ]]; then
-    log "pinned Debian versions unavailable; refreshing and installing the archive's candidates"
-    $sudo apt-get update -q
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${@%%=*}"
-  fi
-  [[ -z $added_policy ]] || $sudo rm -f "$policy"
 }
 
 # Debian packages: Prometheus (with promtool) and the Pushgateway, which the cluster runs, and the

@@ -53,27 +53,9 @@ PODMAN=(podman --root "$CACHE_DIR/containers/storage"
         --storage-driver overlay --runtime runc --cgroup-manager cgroupfs --events-backend file)
 ULIMITS=(--ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
 
-log() { printf '\033[1m>> %s\033[0m\n' "$*" >&2; }
-elapsed() { printf '%dm%02ds' $(((SECONDS - $1) / 60)) $(((SECONDS - $1) % 60)); }
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 pm() { "${PODMAN[@]}" "$@"; }
-
-# The project's pattern (cluster/build.sh): install from Debian without starting any service.
-apt_install() {
-  local policy=/usr/sbin/policy-rc.d added_policy=""
-  local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy"
-    added_policy=1
-  fi
-  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-    log "apt-get update"; $sudo apt-get update -q
-  fi
-  log "installing from Debian: $*"
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" ||
-    { $sudo apt-get update -q &&
-      $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"; }
-  [[ -z $added_policy ]] || $sudo rm -f "$policy"
-}
 
 install_tools() {
   local missing=() tool
