@@ -79,6 +79,7 @@ NETNS_COMPONENTS = [
     "prometheus",
 ]
 NODE_COMPONENTS = ["containerd", "kubelet"]
+IMAGE_ARCHIVES = ("FINETUNE_OPERATOR_ARCHIVE", "FINETUNE_TRAINER_ARCHIVE")
 COMPONENTS = NETNS_COMPONENTS + NODE_COMPONENTS
 
 
@@ -587,6 +588,24 @@ class Cluster:
             f"#   source {self.env_file}\n"
             + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
 
+    def import_images(self, archives: list[Path]) -> None:
+        for archive in archives:
+            t = time.monotonic()
+            realnode.import_image(self.ctr, archive)
+            log(f"imported {archive.name} in {time.monotonic() - t:.1f}s")
+
+    def refresh_images(self) -> None:
+        """Build the project's images if the tree changed, move them into the running cluster's
+        containerd, and point the env file at them (for working on a running cluster)."""
+        images = load_images()
+        self.import_images([Path(images[k]) for k in IMAGE_ARCHIVES])
+        lines = [line for line in self.env_file.read_text().splitlines(keepends=True)
+                 if not line.startswith(("export FINETUNE_OPERATOR_IMAGE=",
+                                         "export FINETUNE_TRAINER_IMAGE="))]
+        lines += [f"export {k}={shlex.quote(images[k])}\n"
+                  for k in ("FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE")]
+        self.env_file.write_text("".join(lines))
+
     def start_node(self, images: dict[str, str], kubeconfig: str) -> None:
         """containerd with the project's images, then the kubelet of the real node."""
         state, network = self.state, self.network
@@ -599,12 +618,7 @@ class Cluster:
                                   str(state / "containerd" / "config.toml")], in_netns=False)
         self.wait_for("containerd", lambda: run_ok(self.ctr + ["version"]))
         pause = realnode.pause_image_archive(Path(binary("finetune-pause")), state / "pause.tar")
-        for archive in [pause] + [Path(images[k]) for k in ("FINETUNE_OPERATOR_ARCHIVE",
-                                                             "FINETUNE_TRAINER_ARCHIVE")
-                                  if images.get(k)]:
-            t = time.monotonic()
-            realnode.import_image(self.ctr, archive)
-            log(f"imported {archive.name} in {time.monotonic() - t:.1f}s")
+        self.import_images([pause] + [Path(images[k]) for k in IMAGE_ARCHIVES if images.get(k)])
 
         log(f"starting the kubelet of node {realnode.NODE_NAME}")
         kubelet_dir = state / "kubelet"
@@ -775,7 +789,8 @@ def remove(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "images"],
+                        help="images: rebuild what changed and load it into the running cluster")
     parser.add_argument("--no-product-images", action="store_true",
                         help="up: import only the pause image (for testing the cluster itself)")
     args = parser.parse_args(argv)
@@ -786,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nUse it:  source {cluster.env_file}   (or: export KUBECONFIG={cluster.state / 'admin.kubeconfig'})")
     elif args.command == "down":
         cluster.down()
+    elif args.command == "images":
+        if not cluster.running():
+            print("local cluster is not running", file=sys.stderr)
+            return 1
+        cluster.refresh_images()
     elif args.command == "env":
         if not cluster.running():
             print("local cluster is not running", file=sys.stderr)
