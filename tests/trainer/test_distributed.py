@@ -15,7 +15,7 @@ import yaml
 
 from finetune_api.contract import ExitCode
 from finetune_trainer import distributed
-from trainer_helpers import manifest, write_three_classes
+from trainer_helpers import manifest, write_three_classes, write_tiny_weights
 
 SPEC = {"model": {"backbone": "test_efficientnet_gn", "weights": "None", "imageSize": 32},
         "optimizer": {"name": "SGD", "learningRate": 0.05, "weightDecay": 0.0, "momentum": 0.9},
@@ -122,3 +122,23 @@ def test_a_peer_that_never_joins_fails_the_pod_with_a_retryable_error(shapes, tm
     assert said["field"] == "spec.resources.workers"
     assert "did not all join" in said["message"] and "within 5 s" in said["message"]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_auto_races_in_a_two_process_pod(shapes, tmp_path):
+    """Every rank runs the same race; rank 0's baseline and rankings are broadcast, so the ranks
+    agree on the finalist and the job ends with one leaderboard."""
+    weights = write_tiny_weights(tmp_path / "pretrained.pt")
+    out = tmp_path / "auto"
+    job = manifest(str(shapes), str(out), name="auto", strategy="Auto", epochs=3, batchSize=4,
+                   model={"backbone": "test_efficientnet", "weights": str(weights),
+                          "imageSize": 32})
+    done = trainer_process(tmp_path, "auto", job, **{distributed.ENV_PROCESSES_PER_POD: "2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["distributed"]["worldSize"] == 2
+    assert report["race"]["candidates"] == len([e for e in report["leaderboard"]
+                                                if e["deployable"]])
+    assert report["strategy"] == next(e for e in report["leaderboard"] if e["deployable"])[
+        "strategy"]
+    termination = json.loads((tmp_path / "auto.termination").read_text())
+    assert termination["leaderboard"][0]["candidate"] == report["leaderboard"][0]["candidate"]

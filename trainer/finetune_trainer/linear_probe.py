@@ -91,7 +91,8 @@ def cached_features(cache_dir: Path | None, key: str, compute) -> tuple[np.ndarr
             return stored["features"], stored["labels"]
     features, labels = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
+    # Per process: the ranks of a multi-process job may fill the same cache at the same time.
+    partial = path.with_suffix(f".{os.getpid()}.partial.npz")
     np.savez(partial, features=features, labels=labels)
     partial.replace(path)
     return features, labels
