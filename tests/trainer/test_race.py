@@ -14,10 +14,11 @@ from finetune_trainer.metrics import TrainerMetrics
 from trainer_helpers import manifest, write_three_classes, write_tiny_weights
 
 
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 15, 62, 1000])
 @pytest.mark.parametrize("candidates", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("epochs", [1, 2, 3, 4, 7, 10, 20, 33, 100])
-def test_the_losers_never_train_more_than_the_budget(candidates, epochs):
-    plan = race.race_plan(candidates, epochs)
+def test_the_losers_never_train_more_than_the_budget(candidates, epochs, steps_per_epoch):
+    plan = race.race_plan(candidates, epochs, steps_per_epoch=steps_per_epoch)
     assert 1 <= plan.candidates <= candidates
     assert plan.loser_epochs() <= race.RACE_EXTRA * epochs
     rung_epochs = [rung_end for rung_end, _ in plan.rungs]
@@ -32,11 +33,20 @@ def test_the_losers_never_train_more_than_the_budget(candidates, epochs):
 
 
 def test_with_enough_epochs_every_candidate_races():
-    plan = race.race_plan(5, 100)
+    plan = race.race_plan(5, 100, steps_per_epoch=200)
     assert plan.candidates == 5
     assert plan.rungs == ((6, 2), (12, 1))  # 100/16 and 100/8 epochs
     assert plan.loser_epochs() == 3 * 6 + 1 * 12
-    assert race.race_plan(5, 3).candidates == 2  # three epochs leave room for two
+    assert race.race_plan(5, 3, steps_per_epoch=200).candidates == 2  # room for two
+
+
+def test_a_rung_lasts_enough_optimizer_steps_to_rank_more_than_a_start():
+    # 500 images at batch 32: 15 steps an epoch, 20 epochs planned. Rungs of 1 and 2 epochs
+    # (15 and 30 steps) would fit four candidates; 50 steps leave room for three.
+    plan = race.race_plan(4, 20, steps_per_epoch=15)
+    assert plan.rungs == ((4, 1),) and plan.candidates == 3
+    # Where a quarter of the epochs is shorter than that, the quarter.
+    assert race.race_plan(4, 4, steps_per_epoch=4).rungs == ((1, 1),)
 
 
 def test_rules_of_thumb_set_the_order_and_far_data_adds_from_scratch():

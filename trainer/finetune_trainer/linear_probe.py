@@ -100,7 +100,9 @@ def cached_features(cache_dir: Path | None, key: str, compute) -> tuple[np.ndarr
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                      val_y: np.ndarray, *, num_classes: int, classifier: str, cv_folds: int,
-                     seed: int) -> ProbeResult:
+                     seed: int, prefer_holdout: bool = False) -> ProbeResult:
+    """`prefer_holdout`: choose C on one hold-out whenever it can hold every class out (Auto's
+    race, where the probe is one candidate of several and k-fold CV would dominate its cost)."""
     def pipeline(c: float) -> Pipeline:
         linear = (LinearSVC(C=c, random_state=seed) if classifier == "LinearSVM"
                   else LogisticRegression(C=c, max_iter=1000, random_state=seed))
@@ -108,7 +110,9 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
 
     smallest_class = int(np.bincount(train_y)[np.unique(train_y)].min()) if len(train_y) else 0
     folds = min(cv_folds, smallest_class)
-    if len(train_y) >= HOLDOUT_MIN_IMAGES:
+    classes_present = len(np.unique(train_y))
+    holdout_fits = smallest_class >= 2 and int(HOLDOUT_FRACTION * len(train_y)) >= classes_present
+    if len(train_y) >= HOLDOUT_MIN_IMAGES or (prefer_holdout and holdout_fits):
         c, cv_accuracy = _choose_c_on_holdout(pipeline, train_x, train_y, seed)
         folds, selection = 0, f"hold-out {HOLDOUT_FRACTION:.0%}"
         fitted = pipeline(c).fit(train_x, train_y)

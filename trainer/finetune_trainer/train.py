@@ -380,7 +380,7 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
 
 def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
                  cache_dir: Path | None, classes: list[str], metrics: TrainerMetrics,
-                 reason: str, log=print) -> TrainingResult:
+                 reason: str, log=print, prefer_holdout: bool = False) -> TrainingResult:
     """Frozen features (cached by weights and images) and a cross-validated linear classifier,
     installed as the model's head."""
     metrics.start(backbone=spec["model"]["backbone"], strategy="LinearProbe", reason=reason,
@@ -398,7 +398,8 @@ def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
     settings = spec["linearProbe"]
     fitted = probe.fit_linear_probe(*features["train"], *features["val"], num_classes=len(classes),
                                     classifier=settings["classifier"],
-                                    cv_folds=settings["cvFolds"], seed=spec["seed"])
+                                    cv_folds=settings["cvFolds"], seed=spec["seed"],
+                                    prefer_holdout=prefer_holdout)
     probe.install_head(model, fitted.weight, fitted.bias)
     seconds = time.perf_counter() - started
     images = len(features["train"][1]) + len(features["val"][1])
@@ -437,13 +438,14 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
     classes = dataset.classes
     probe_model = copy.deepcopy(model)
     probe_result = linear_probe(probe_model, loaders, spec, run, cache_dir=cache_dir,
-                                classes=classes, metrics=metrics, reason="Auto race", log=log)
+                                classes=classes, metrics=metrics, reason="Auto race", log=log,
+                                prefer_holdout=True)
     far = baseline_accuracy is not None and probe_result.best_val_accuracy <= baseline_accuracy
     candidates = race.fine_tune_candidates(
         stage_count=len(policy.model_stages(model).stages), train_images=len(dataset.train),
         far_from_pretraining=far)
     epochs = budget.planned_epochs(spec, len(loaders.train))
-    plan = race.race_plan(len(candidates), epochs)
+    plan = race.race_plan(len(candidates), epochs, steps_per_epoch=len(loaders.train))
     candidates = candidates[:plan.candidates]
     loaders_by_augmentation = {spec["augmentation"]: loaders}
 
