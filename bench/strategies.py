@@ -1,29 +1,31 @@
 """Transfer-learning strategies measured on real data, with the trainer's own code.
 
-For each dataset, training-set size and seed: held-out test accuracy and wall time of
+For each dataset, training-set size and seed: held-out test accuracy, optimizer steps and wall
+time of
 
     Baseline        the per-job baseline (finetune_trainer.baseline.pixel_baseline)
     LinearProbe     frozen ImageNet features + cross-validated logistic regression
                     (linear_probe.extract_features / fit_linear_probe; features cached)
     FineTuneFrozen  FineTune with the first 3 stages frozen (batchNorm Frozen)
-    FineTune        FineTune of every layer, backbone at 0.1x the head's learning rate
+    FineTune        FineTune of every layer, backbone at 0.3x the head's learning rate
     FromScratch     the same architecture, randomly initialised
+    Auto            strategy Auto: the race (train.auto_race) on the training images and the
+                    validation set, its winner scored; with the race's measured cost
 
-and which strategy `Auto` (finetune_trainer.strategy) picks. Deep runs go through
-train.load_data / train.fine_tune / train.evaluate with specs validated by train.resolve_spec,
-so the study measures the product. Results: docs/strategies.json (raw), docs/strategies.md
-(table), docs/strategies.png (accuracy vs training images).
+Deep runs go through train.load_data / train.fine_tune / train.evaluate with specs validated by
+train.resolve_spec, so the study measures the product, including its default training length
+(budget.py: epochs sized by optimizer steps, early stopping keeping the best epoch). Results:
+docs/strategies.json (raw), docs/strategies.md (table), docs/strategies.png.
 
-    python bench/strategies.py                        # CPU-sized: about an hour on 2 cores
+    python bench/strategies.py --datasets fashion-mnist --sizes 100,500,2000   # CPU
     python bench/strategies.py --full --device cuda   # all sizes up to the full 60000, 224 px
     python bench/strategies.py --report-only          # tables and plot from strategies.json
 
 Protocol. The test images (Fashion-MNIST: a stratified subset of the official test split;
 digits: a stratified hold-out) are scored once per run and never used for any choice: the
-linear probe picks C by k-fold cross-validation on its training images, deep runs train for a
-fixed number of epochs and report the last epoch, and the per-epoch validation the training loop
-logs uses a separate small set drawn from the training pool. Training subsets are stratified;
-each seed draws its own (see `subset`).
+linear probe picks C by k-fold cross-validation on its training images; the deep runs' best
+epoch and Auto's winner are chosen on a separate small validation set drawn from the training
+pool. Training subsets are stratified; each seed draws its own (see `subset`).
 """
 
 from __future__ import annotations
