@@ -8,8 +8,8 @@ trains further, and the last one continues to its full length from where it is, 
 thrown away. Then the finalist and the probe compare on validation accuracy.
 
 The plan is sized so that the losers' epochs add at most RACE_EXTRA of the finalist's own
-training; the rules of thumb (tiny data: probe and frozen stages; far domain: scratch) set the
-order of the candidates, which decides ties and which candidates are left out when the budget is
+training; the rules of thumb (small data: frozen stages before all layers; far domain: scratch,
+early) set the order of the candidates, which decides ties and which candidates are left out when the budget is
 too small for all of them, never the answer. This module holds the pure parts (candidates, plan,
 leaderboard, reason); train.auto_race runs it.
 """
@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 # Losers' epochs, as a fraction of the finalist's planned epochs: the race costs 1 + this (plus
-# the probe's single pass over the images) times the finalist's own training, and stays under 2x
-# when early stopping ends the finalist anywhere past 60 % of its plan.
+# the probe) times the finalist's own training, and, the probe aside, at most 2x as long as early
+# stopping leaves the finalist at least half of its planned epochs.
 RACE_EXTRA = 0.5
 # A rung ends no sooner than this many optimizer steps: after one or two epochs of a small
 # dataset the ranking measures how fast a candidate starts, not where it ends (the first study
