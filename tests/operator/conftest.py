@@ -1,5 +1,6 @@
 import io
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,25 +22,28 @@ def installed_crd(kubectl):
 
 
 @pytest.fixture
-def operator_factory(kubectl, kubeconfig, cluster_env, tmp_path):
-    """start(namespaces, home=None, **env) -> a running `finetune-operator` process watching
-    `namespaces` with rbac.py's permissions only; all are stopped after the test."""
-    from e2e_support import OperatorProcess, grant_operator
+def operator_factory(kubectl, cluster_env, tmp_path, request):
+    """start(namespaces, home=None, replicas=1, **env) -> the chart's operator Deployment (a Helm
+    release in `home`, default the first namespace) watching `namespaces`, leader-elected; each
+    release is uninstalled after the test, its pods' logs printed first."""
+    from chart_operator import ChartOperator
 
-    started = []
+    started: list[ChartOperator] = []
+    test_id = uuid.uuid4().hex[:5]
 
-    def start(namespaces, home=None, **env):
-        home = home or namespaces[0]
-        config = grant_operator(kubectl, kubeconfig, namespaces, home, tmp_path)
-        process = OperatorProcess(config, namespaces, home, cluster_env["S3_ENDPOINT_URL"],
-                                  tmp_path / f"operator-{len(started)}.log", **env)
-        started.append(process.start())
-        return process
+    def start(namespaces, home=None, replicas=1, **env):
+        env = {"FINETUNE_PROGRESS_INTERVAL_SECONDS": "2", "FINETUNE_LEASE_DURATION_SECONDS": "6",
+               **env}
+        operator = ChartOperator(kubectl, cluster_env, f"op-{test_id}-{len(started)}",
+                                 home or namespaces[0], list(namespaces), tmp_path,
+                                 replicas=replicas, **env)
+        started.append(operator.start())
+        return operator
 
     yield start
-    for process in started:
-        process.stop()
-        print(f"--- operator log ({process.log_path}) ---\n{process.log_tail(80)}")
+    for operator in started:
+        print(f"--- operator {operator.fullname} log ---\n{operator.log_tail(80)}")
+        operator.uninstall()
 
 
 @pytest.fixture

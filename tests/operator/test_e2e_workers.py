@@ -1,13 +1,13 @@
-"""Several trainer pods on the local cluster: the operator's Indexed Job and headless Service, the
-Job controller's completion indexes and pod hostnames, the EndpointSlice controller's pod
-addresses (resolved by the pod agent, which stands in for cluster DNS) and torchrun's c10d
-rendezvous across pods, with gloo on CPU."""
+"""Several trainer pods on the local cluster's real node: the operator's Indexed Job and headless
+Service, the Job controller's completion indexes and pod hostnames, the EndpointSlice controller's
+pod addresses served by CoreDNS, and torchrun's c10d rendezvous across pods (each in its own
+network namespace), with gloo on CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import torch
 
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
+
+from fixtures_cluster import container_processes
 
 from e2e_support import (apply, finetunejob, objects, s3_bytes, s3_json, s3_secret,
                          wait_checkpoint, wait_for, wait_phase)
@@ -86,10 +88,14 @@ def test_two_worker_pods_train_to_the_weights_of_one_pod_with_the_same_global_ba
         torch.testing.assert_close(two_pods[key], one_pod[key], atol=2e-4, rtol=1e-3, msg=key)
 
 
-def worker_processes(pid: int) -> list[int]:
-    """The rank processes torchrun started under the pod's main process."""
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(line) for line in found.split()]
+def rank_processes(pod: dict) -> list[int]:
+    """Host PIDs of the rank processes torchrun started under the trainer container's main
+    process."""
+    pids = container_processes(pod)
+
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return [pid for pid in pids if parent(pid) in pids]
 
 
 def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
@@ -97,7 +103,8 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
     s3_secret(kubectl, namespace, cluster_env)
     manifest = finetunejob("gang", namespace, datasets["fashion-mnist"], **{
         **TINY, "model": {**TINY["model"], "imageSize": 64}}, epochs=12, batchSize=10,
-        resources={"gpus": 0, "workers": 2})
+        # Slowed on purpose (a CPU limit): many epochs of margin after the first checkpoint.
+        resources={"gpus": 0, "workers": 2, "cpu": "250m"})
     apply(kubectl, manifest)
     wait_phase(kubectl, namespace, "gang", "Running", timeout=180)
     wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"], timeout=300)
@@ -106,12 +113,9 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
     first_pods = {p["metadata"]["uid"]: p["metadata"]["name"]
                   for p in objects(kubectl, "pods", namespace)}
     assert len(first_pods) == 2
-    worker_pod = f"{job_name}-1-"
-    pids_dir = Path(cluster_env["FINETUNE_CLUSTER_DIR"]) / "podagent" / "pids"
-    pod_pid = int(wait_for(lambda: [p.name for p in pids_dir.iterdir()
-                                    if p.read_text().startswith(f"{namespace}/{worker_pod}")],
-                           timeout=10)[0])
-    rank, = wait_for(lambda: worker_processes(pod_pid), timeout=30,
+    worker_pod, = [p for p in objects(kubectl, "pods", namespace)
+                   if p["metadata"]["name"].startswith(f"{job_name}-1-")]
+    rank, = wait_for(lambda: rank_processes(worker_pod), timeout=30,
                      message="the rank process of pod index 1")
     # What the kernel's OOM killer or a crash does to a rank: no warning, no cleanup.
     os.kill(rank, signal.SIGKILL)
@@ -140,12 +144,14 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
 
 def test_a_group_that_cannot_all_start_fails_instead_of_holding_its_gpus(
         kubectl, namespace, operator_factory, datasets, cluster_env):
-    # One GPU free on the untainted node: one pod of two is scheduled, the other is not, and no
-    # queue (Kueue) holds the Job back. The scheduled one must give its GPU back.
+    # Each pod asks for all the real node's GPUs: one pod of two is scheduled, the other is not,
+    # and no queue (Kueue) holds the Job back. The scheduled one must give its GPUs back.
+    node = json.loads(kubectl("get", "node", cluster_env["FINETUNE_NODE_NAME"], "-o", "json"))
+    gpus = int(node["status"]["capacity"]["nvidia.com/gpu"])
     operator_factory([namespace], FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS="15").wait_leader()
     s3_secret(kubectl, namespace, cluster_env)
     apply(kubectl, finetunejob("half", namespace, datasets["fashion-mnist"], **TINY, epochs=1,
-                               backoffLimit=0, resources={"gpus": 1, "workers": 2}))
+                               backoffLimit=0, resources={"gpus": gpus, "workers": 2}))
 
     def one_pending_one_started():
         pods = objects(kubectl, "pods", namespace)

@@ -5,14 +5,11 @@ chart's permissions."""
 
 from __future__ import annotations
 
-import base64
 import shutil
 import copy
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -163,12 +160,24 @@ def can_i(kube: Kube, sa: str, verb: str, resource: str, namespace: str) -> bool
     return result.stdout.strip() == "yes"
 
 
-def test_install_grants_least_privilege_upgrades_and_uninstalls_cleanly(kube, helm, namespaces):
+def local_values(cluster_env: dict, watch: list[str], tmp_path: Path) -> str:
+    """Values that run the chart's Deployment on the local cluster (its images, S3, API address)."""
+    from fixtures_cluster import load_localcluster
+
+    path = tmp_path / "local-values.json"
+    path.write_text(json.dumps(load_localcluster().operator_chart_values(cluster_env, watch)))
+    return str(path)
+
+
+def test_install_grants_least_privilege_upgrades_and_uninstalls_cleanly(kube, helm, namespaces,
+                                                                       cluster_env, tmp_path):
     ns, team = namespaces("op"), namespaces("team")
     other = namespaces("other")
     release = f"ftop-{uuid.uuid4().hex[:4]}"
-    kube.helm(helm, "install", release, str(CHART), "-n", ns, "--set",
-              f"watchNamespaces={{{team}}}", "--wait", "--timeout", "120s")
+    # --wait: until the operator's pod passes its readiness probe on the real node.
+    kube.helm(helm, "install", release, str(CHART), "-n", ns, "-f",
+              local_values(cluster_env, [team], tmp_path), "--set", f"watchNamespaces={{{team}}}",
+              "--wait", "--timeout", "180s")
     fullname = f"{release}-finetune-operator"
     deployment = kube.get("deployment", fullname, "-n", ns)
     assert deployment["status"].get("readyReplicas") == 1
@@ -232,30 +241,6 @@ def test_applying_the_tenant_example_twice_changes_nothing(kube, namespaces, tmp
 # --- the example job, run by an operator holding only the chart's RBAC ----------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def token_kubeconfig(kube: Kube, namespace: str, sa: str, path: Path) -> str:
-    admin = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    if "certificate-authority" in cluster:
-        ca = Path(cluster["certificate-authority"])
-        if not ca.is_absolute():
-            ca = Path(kube.env["KUBECONFIG"]).parent / ca
-        cluster = {"server": cluster["server"],
-                   "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}
-    token = kube.kubectl("create", "token", sa, "-n", namespace, "--duration=2h").stdout.strip()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "local", "cluster": cluster}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": sa}}]}))
-    return str(path)
-
-
 @pytest.fixture()
 def fashion_mnist_in_s3(s3_client, tmp_path):
     """What examples/fashion-mnist.yaml reads: s3://datasets/fashion-mnist/ (10 classes x 10
@@ -277,49 +262,36 @@ def fashion_mnist_in_s3(s3_client, tmp_path):
 @pytest.mark.slow
 def test_example_job_succeeds_with_the_installed_operators_rbac(kube, helm, namespaces, tmp_path,
                                                                cluster_env, fashion_mnist_in_s3):
-    """helm install, then the operator runs here (no image to pull) with the installed
-    Deployment's configuration and a token of the chart's ServiceAccount: a permission the chart
-    lacks fails the job."""
+    """helm install, and the chart's Deployment runs the operator from its image on the real
+    node: in-cluster configuration, the chart's ServiceAccount token and RBAC (a permission the
+    chart lacks fails the job), its probes, its pod security settings."""
     ns, team = namespaces("e2e-op"), namespaces("e2e")
     release = "e2e"
-    kube.helm(helm, "install", release, str(CHART), "-n", ns,
-              "--set", f"watchNamespaces={{{team}}}",
-              "--set", f"s3.defaultEndpoint={cluster_env['S3_ENDPOINT_URL']}")
+    kube.helm(helm, "install", release, str(CHART), "-n", ns, "--skip-crds", "-f",
+              local_values(cluster_env, [team], tmp_path))
     fullname = f"{release}-finetune-operator"
-    deployment = kube.get("deployment", fullname, "-n", ns)
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    env.update({
-        "POD_NAMESPACE": ns, "POD_NAME": f"{fullname}-local",  # the downward API's values
-        "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",  # the pod's port would clash here
-        "FINETUNE_OPERATOR_METRICS_PORT": str(free_port()),
-        "KUBECONFIG": token_kubeconfig(kube, ns, fullname, tmp_path / "operator.kubeconfig"),
-        "HOME": str(tmp_path),
-    })
-    command = container["command"]
-    entry = Path(sys.executable).parent / command[0]  # the venv's console script
-    log_path = tmp_path / "operator.log"
-    with open(log_path, "w") as log:
-        operator = subprocess.Popen([str(entry) if entry.exists() else command[0], *command[1:]],
-                                    env={**os.environ, **env}, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # Ready means the readiness probe (GET /metrics on the pod IP) passed.
+        kube.kubectl("rollout", "status", f"deployment/{fullname}", "-n", ns, "--timeout=180s",
+                     timeout=200)
+        pod, = kube.get("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={release}")["items"]
+        assert pod["spec"]["nodeName"] == cluster_env["FINETUNE_NODE_NAME"]
+        assert pod["spec"]["serviceAccountName"] == fullname
+        operator_status, = pod["status"]["containerStatuses"]
+        assert operator_status["ready"] and operator_status["restartCount"] == 0
+
         kube.kubectl("apply", "-n", team, "-f", str(REPO / "examples" / "fashion-mnist.yaml"))
         waited = kube.kubectl("wait", "--for=condition=Succeeded", "--timeout=600s",
                               "finetunejob/fashion-mnist", "-n", team, check=False, timeout=620)
         ftj = kube.get("finetunejob", "fashion-mnist", "-n", team)
-        operator_log = log_path.read_text(errors="replace")
+        operator_log = kube.kubectl("logs", f"deployment/{fullname}", "-n", ns, check=False).stdout
         assert waited.returncode == 0, (
             f"status: {json.dumps(ftj.get('status'), indent=1)}\n"
             f"operator log tail:\n{operator_log[-4000:]}")
         assert ftj["status"]["phase"] == "Succeeded"
+        assert "starting: watching" in operator_log  # the log is the pod's, through the kubelet
         assert "forbidden" not in operator_log.lower(), operator_log[-4000:]
     finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            operator.kill()
         kube.helm(helm, "uninstall", release, "-n", ns, check=False)
 
 
