@@ -392,6 +392,8 @@ class Cluster:
     def up(self, images: dict[str, str] | None = None) -> None:
         if self.running():
             log(f"cluster already running (state in {self.state})")
+            if images is None:
+                self.refresh_images()
             return
         if self.recorded() or self.network.file.exists():
             log("found a partly running cluster; stopping it first")
@@ -598,6 +600,10 @@ class Cluster:
         """Build the project's images if the tree changed, move them into the running cluster's
         containerd, and point the env file at them (for working on a running cluster)."""
         images = load_images()
+        current = self.env_file.read_text()
+        if all(f"export {k}={shlex.quote(images[k])}\n" in current
+               for k in ("FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE")):
+            return
         self.import_images([Path(images[k]) for k in IMAGE_ARCHIVES])
         lines = [line for line in self.env_file.read_text().splitlines(keepends=True)
                  if not line.startswith(("export FINETUNE_OPERATOR_IMAGE=",

@@ -46,7 +46,7 @@ def test_up_is_idempotent_and_down_leaves_nothing_behind(tmp_path, cluster_env):
         wait_for(lambda: json.loads(kubectl(env, "get", "pod", "sandbox", "-o", "json"))[
             "status"].get("phase") == "Running", timeout=120, message="a pod on the second cluster")
         assert load_localcluster().realnode.cgroup_processes(network)
-        again = localcluster(state, "up")
+        again = localcluster(state, "up", "--no-product-images")
         assert again.returncode == 0 and "already running" in again.stderr
         assert {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")} == pids
     finally:
