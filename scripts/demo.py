@@ -2,25 +2,24 @@
 
 1. the local cluster is up (`make cluster-up` ran before this script);
 2. the Helm chart installs the CRD, the operator's ServiceAccount, RBAC and Deployment into
-   `finetune-system`. The local cluster runs no container images, so the Deployment is scaled to
-   zero and the operator runs here as a process with the Deployment's own configuration and a
-   token of the chart's ServiceAccount: it has exactly the permissions the chart grants;
+   `finetune-system`; the Deployment runs the operator from its image (`make images`) on the
+   cluster's real node, with in-cluster configuration and exactly the permissions the chart
+   grants. The values say where this cluster's images, S3 and API server are
+   (localcluster.operator_chart_values);
 3. a tenant namespace gets an S3 credentials Secret; a Fashion-MNIST sample and ImageNet
    EfficientNet-Lite0 weights are uploaded to the local S3 server;
 4. `examples/fashion-mnist-pretrained.yaml` is applied and `kubectl get ftj -w` is shown until the
    job ends; then where the model, the report and the metrics are.
 
-The cluster and the operator keep running afterwards; `make cluster-down` stops both.
+The trainer runs in a container of the trainer image on the same node. The cluster and the operator
+keep running afterwards; `make cluster-down` stops both.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "cluster"))
@@ -60,73 +58,18 @@ def kubectl(*args: str, capture: bool = False, check: bool = True,
                           stdout=subprocess.PIPE if capture else None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def install_chart() -> None:
+    import localcluster
 
-
-def install_chart(s3_endpoint: str) -> dict:
     say(f"helm install {RELEASE} (CRD, ServiceAccount, RBAC, Deployment) into {OPERATOR_NAMESPACE}")
+    values = STATE / "operator-values.json"
+    values.write_text(json.dumps(localcluster.operator_chart_values(dict(os.environ), []), indent=1))
     subprocess.run([tool("helm"), "upgrade", "--install", RELEASE, str(REPO / "helm" / RELEASE),
-                    "-n", OPERATOR_NAMESPACE, "--create-namespace", "--wait=false",
-                    "--set", "replicaCount=0", "--set", f"s3.defaultEndpoint={s3_endpoint}"],
-                   check=True)
-    deployment = json.loads(kubectl("get", "deployment", RELEASE, "-n", OPERATOR_NAMESPACE,
-                                    "-o", "json", capture=True).stdout)
-    return deployment["spec"]["template"]["spec"]
-
-
-def token_kubeconfig(service_account: str, path: Path) -> Path:
-    admin = yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())
-    cluster = dict(admin["clusters"][0]["cluster"])
-    if "certificate-authority" in cluster:
-        ca = Path(cluster.pop("certificate-authority"))
-        if not ca.is_absolute():
-            ca = Path(os.environ["KUBECONFIG"]).parent / ca
-        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    token = kubectl("create", "token", service_account, "-n", OPERATOR_NAMESPACE,
-                    "--duration=24h", capture=True).stdout.strip()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "local", "cluster": cluster}],
-        "users": [{"name": service_account, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local",
-                                                      "user": service_account}}]}))
-    path.chmod(0o600)
-    return path
-
-
-def start_operator(pod_spec: dict) -> int:
-    """The operator as a process, recorded in the cluster's pid folder so cluster-down stops it."""
-    pid_file = STATE / "pids" / "demo-operator.pid"
-    if pid_file.exists():
-        old = int(pid_file.read_text())
-        try:
-            os.killpg(old, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    container = pod_spec["containers"][0]
-    metrics_port = free_port()
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    env.update({
-        "POD_NAMESPACE": OPERATOR_NAMESPACE, "POD_NAME": f"{RELEASE}-local",
-        "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",
-        "FINETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
-        "KUBECONFIG": str(token_kubeconfig(pod_spec["serviceAccountName"],
-                                           STATE / "operator.kubeconfig")),
-    })
-    log_path = STATE / "logs" / "operator.log"
-    say(f"starting the operator as ServiceAccount {pod_spec['serviceAccountName']} "
-        f"(log: {log_path}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(container["command"] + container.get("args", []),
-                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    pid_file.write_text(str(process.pid))
-    targets = Path(os.environ["FINETUNE_PROMETHEUS_TARGETS_DIR"]) / "operator.json"
-    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {}}]))
-    return process.pid
+                    "-n", OPERATOR_NAMESPACE, "--create-namespace", "-f", str(values)], check=True)
+    say(f"waiting for the operator's Deployment (image {os.environ['FINETUNE_OPERATOR_IMAGE']})")
+    kubectl("rollout", "status", f"deployment/{RELEASE}", "-n", OPERATOR_NAMESPACE,
+            "--timeout=300s")
+    kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide")
 
 
 def prepare_tenant() -> None:
@@ -231,8 +174,7 @@ def leaderboard(status: dict) -> str:
 
 
 def main() -> int:
-    pod_spec = install_chart(os.environ["S3_ENDPOINT_URL"])
-    start_operator(pod_spec)
+    install_chart()
     prepare_tenant()
     upload_inputs()
     job = run_job()
@@ -255,6 +197,7 @@ The job succeeded: {status.get('resolvedStrategy')} ({status.get('strategyReason
 Try:
   source {STATE / 'env'}
   kubectl describe ftj {JOB} -n {TENANT}
+  kubectl logs -n {OPERATOR_NAMESPACE} deployment/{RELEASE}
   curl -s "$PROMETHEUS_URL/api/v1/query?query=finetune_validation_accuracy"
 The cluster and the operator keep running; `make cluster-down` stops them.""")
     return 0
