@@ -566,13 +566,23 @@ def best_deployable(strategies: dict) -> str | None:
 
 
 def auto_versus_best(results: dict) -> dict:
-    """(dataset, size) -> Auto's mean accuracy minus the best single strategy's, in points,
-    where both were measured over the same seeds."""
+    """(dataset, size) -> (best single strategy, Auto's mean accuracy minus the best's, in
+    points), both over the seeds Auto was measured on; strategies not measured on all of those
+    seeds are left out of the comparison."""
+    accuracy: dict = {}
+    for run in results["runs"].values():
+        accuracy.setdefault((run["dataset"], run["size"]), {}).setdefault(
+            run["strategy"], {})[run["seed"]] = run["accuracy"]
     gaps = {}
-    for key, strategies in summarise(results["runs"]).items():
-        best = best_deployable(strategies)
-        if "Auto" in strategies and best and strategies["Auto"]["n"] == strategies[best]["n"]:
-            gaps[key] = 100 * (strategies["Auto"]["mean"] - strategies[best]["mean"])
+    for key, strategies in accuracy.items():
+        seeds = sorted(strategies.get("Auto", {}))
+        means = {name: statistics.fmean(by_seed[seed] for seed in seeds)
+                 for name, by_seed in strategies.items()
+                 if name in DEPLOYABLE and seeds and all(seed in by_seed for seed in seeds)}
+        if means:
+            best = max(means, key=means.get)
+            auto = statistics.fmean(strategies["Auto"][seed] for seed in seeds)
+            gaps[key] = (best, 100 * (auto - means[best]))
     return gaps
 
 
@@ -592,8 +602,7 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (dataset, size) in sorted(table):
         strategies = table[(dataset, size)]
-        best = best_deployable(strategies)
-        gap = gaps.get((dataset, size))
+        best, gap = gaps.get((dataset, size), (best_deployable(strategies), None))
         ratio = (strategies.get("Auto") or {}).get("meanCostRatio")
         lines.append(f"| {dataset} | {size} | "
                      + " | ".join(_cell(strategies.get(name)) for name in STRATEGIES)

@@ -61,7 +61,7 @@ def test_every_size_where_auto_missed_the_best_by_more_than_a_point_is_on_the_pa
     gaps = load_bench().auto_versus_best(json.loads(STUDY_JSON.read_text()))
     assert gaps, "the study should compare Auto with the best strategy at some size"
     page = STUDY_PAGE.read_text()
-    for (dataset, size), gap in gaps.items():
+    for (dataset, size), (_, gap) in gaps.items():
         if gap < -ONE_POINT:
             assert f"{dataset} at {size}" in page, (dataset, size, gap)
 
@@ -82,8 +82,9 @@ def test_a_short_study_measures_every_strategy_and_auto_with_its_race_cost(tmp_p
     assert auto["race"]["costRatio"] >= 1 and auto["steps"] > 0
     assert {entry["strategy"] for entry in auto["leaderboard"]} >= {"LinearProbe", "Baseline"}
     assert all(runs[name]["epochs"] == 2 and runs[name]["steps"] == 2 for name in bench.DEEP)
-    gap = bench.auto_versus_best(results)[("digits", 30)]
+    best_name, gap = bench.auto_versus_best(results)[("digits", 30)]
     best = max(runs[name]["accuracy"] for name in bench.DEPLOYABLE)
+    assert runs[best_name]["accuracy"] == best
     assert gap == pytest.approx(100 * (auto["accuracy"] - best))
     table = bench.markdown_table(results)
     assert "| digits | 30 |" in table and f"{gap:+.1f}" in table
