@@ -251,6 +251,7 @@ def test_the_hash_changes_with_what_goes_into_the_images_only(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     (tree / "cluster").mkdir(parents=True)
     shutil.copy2(IMAGES_SH, tree / "cluster" / "images.sh")
+    shutil.copy2(IMAGES_SH.parent / "lib.sh", tree / "cluster" / "lib.sh")
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, tree / name)
     for name in ("api", "operator", "trainer"):
