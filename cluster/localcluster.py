@@ -709,6 +709,8 @@ class Cluster:
             stop(f"containerd shim {shim}", shim, grace=2)
         realnode.unmount_all(self.state)
         realnode.remove_cgroups(self.network)
+        for link in realnode.container_log_links(self.state):
+            link.unlink(missing_ok=True)
 
 
 def split_image(reference: str) -> dict[str, str]:

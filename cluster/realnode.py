@@ -322,6 +322,18 @@ def unmount_all(root: Path) -> None:
         time.sleep(0.2)
 
 
+CONTAINER_LOG_LINKS = Path("/var/log/containers")  # the kubelet's, whatever its root dir
+
+
+def container_log_links(state: Path) -> list[Path]:
+    """The kubelet's /var/log/containers links into this cluster's pod logs."""
+    if not CONTAINER_LOG_LINKS.is_dir():
+        return []
+    prefix = str(state.resolve()) + "/"
+    return [link for link in CONTAINER_LOG_LINKS.iterdir()
+            if link.is_symlink() and os.readlink(link).startswith(prefix)]
+
+
 def cgroup_dirs(network: Network) -> list[Path]:
     """The cluster's cgroup directories in every hierarchy, deepest first."""
     found = []

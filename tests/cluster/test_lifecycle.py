@@ -59,6 +59,7 @@ def test_up_is_idempotent_and_down_leaves_nothing_behind(tmp_path, cluster_env):
     assert network.leftovers() == []
     assert realnode.mounts_under(state) == []
     assert realnode.cgroup_dirs(network) == []
+    assert realnode.container_log_links(state) == []
     assert localcluster(state, "status").returncode == 1
 
 
