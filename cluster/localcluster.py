@@ -79,6 +79,7 @@ NETNS_COMPONENTS = [
     "prometheus",
 ]
 NODE_COMPONENTS = ["containerd", "kubelet"]
+IMAGE_REFERENCES = ("FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE")
 IMAGE_ARCHIVES = ("FINETUNE_OPERATOR_ARCHIVE", "FINETUNE_TRAINER_ARCHIVE")
 COMPONENTS = NETNS_COMPONENTS + NODE_COMPONENTS
 
@@ -372,15 +373,6 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
 
-    def https_answers(self, port: int) -> bool:
-        """A TLS endpoint that answers at all (401/403 included) is up."""
-        context = ssl._create_unverified_context()  # local self-signed serving certs
-        try:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=2)
-        except urllib.error.HTTPError:
-            pass
-        return True
-
     def in_netns_answers(self, port: int) -> bool:
         """A loopback-only server inside the cluster network namespace accepts connections."""
         probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).close()"
@@ -600,16 +592,14 @@ class Cluster:
         """Build the project's images if the tree changed, move them into the running cluster's
         containerd, and point the env file at them (for working on a running cluster)."""
         images = load_images()
-        current = self.env_file.read_text()
-        if all(f"export {k}={shlex.quote(images[k])}\n" in current
-               for k in ("FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE")):
+        exports = [f"export {k}={shlex.quote(images[k])}\n" for k in IMAGE_REFERENCES]
+        current = self.env_file.read_text().splitlines(keepends=True)
+        if all(line in current for line in exports):
             return
         self.import_images([Path(images[k]) for k in IMAGE_ARCHIVES])
-        lines = [line for line in self.env_file.read_text().splitlines(keepends=True)
-                 if not line.startswith(("export FINETUNE_OPERATOR_IMAGE=",
-                                         "export FINETUNE_TRAINER_IMAGE="))]
-        lines += [f"export {k}={shlex.quote(images[k])}\n"
-                  for k in ("FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE")]
+        lines = [line for line in current
+                 if not line.startswith(tuple(f"export {k}=" for k in IMAGE_REFERENCES))]
+        lines += exports
         self.env_file.write_text("".join(lines))
 
     def start_node(self, images: dict[str, str], kubeconfig: str) -> None:
@@ -750,8 +740,7 @@ def load_images() -> dict[str, str]:
         key, sep, value = line.removeprefix("export ").partition("=")
         if sep and key.startswith("FINETUNE_"):
             images[key.strip()] = shlex.split(value)[0] if value else ""
-    needed = {"FINETUNE_OPERATOR_IMAGE", "FINETUNE_TRAINER_IMAGE", "FINETUNE_OPERATOR_ARCHIVE",
-              "FINETUNE_TRAINER_ARCHIVE"}
+    needed = set(IMAGE_REFERENCES + IMAGE_ARCHIVES)
     if not needed <= set(images):
         raise SystemExit(f"cluster/images.sh env printed no {sorted(needed - set(images))}")
     return images

@@ -105,24 +105,23 @@ class ChartOperator:
                     return sample.value
         return None
 
-    def leader(self) -> dict | None:
-        for pod in self.pods():
-            try:
-                if self.pod_metric(pod, "finetune_operator_leader") == 1:
-                    return pod
-            except OSError:
-                continue
-        return None
-
-    def followers(self) -> list[dict]:
+    def pods_leading(self, leading: bool) -> list[dict]:
+        """Running pods whose leader gauge says they lead (or follow); pods not serving yet are
+        neither."""
         found = []
         for pod in self.pods():
             try:
-                if self.pod_metric(pod, "finetune_operator_leader") == 0:
+                if self.pod_metric(pod, "finetune_operator_leader") == int(leading):
                     found.append(pod)
             except OSError:
                 continue
         return found
+
+    def leader(self) -> dict | None:
+        return next(iter(self.pods_leading(True)), None)
+
+    def followers(self) -> list[dict]:
+        return self.pods_leading(False)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """A metric of the leading pod."""

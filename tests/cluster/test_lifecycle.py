@@ -53,7 +53,7 @@ def test_up_is_idempotent_and_down_leaves_nothing_behind(tmp_path, cluster_env):
         down = localcluster(state, "down")
     assert down.returncode == 0, down.stderr
     assert not state.exists()
-    alive = [name for name, pid in pids.items() if _alive(pid)]
+    alive = [name for name, pid in pids.items() if load_localcluster().pid_alive(pid)]
     assert not alive, f"still running after down: {alive}"
     realnode = load_localcluster().realnode
     assert network.leftovers() == []
@@ -69,11 +69,3 @@ def kubectl(env: dict, *args: str, input: str | None = None) -> str:
                             input=input, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.split(") ", 1)[1][0] != "Z"

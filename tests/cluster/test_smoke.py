@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixtures_cluster import container_processes, read_env_file, wait_for
+from fixtures_cluster import container_processes, load_localcluster, read_env_file, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -55,13 +55,6 @@ def trainer_pod(name: str, script: str, cluster_env: dict, **container) -> dict:
                  "containers": [{"name": "trainer", "image": cluster_env["FINETUNE_TRAINER_IMAGE"],
                                  "command": ["python", "-c", textwrap.dedent(script)], **container}]},
     }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def pod_finished(kubectl, namespace: str, name: str) -> dict | None:
@@ -282,7 +275,7 @@ def test_a_deleted_pod_is_stopped_and_its_logs_were_served(kubectl, namespace, c
     processes = container_processes(get(kubectl, namespace, "pod", "sleeper"))
     assert processes
     kubectl("delete", "pod", "sleeper", "-n", namespace, "--timeout=60s")
-    assert not [pid for pid in processes if _alive(pid)]
+    assert not [pid for pid in processes if load_localcluster().pid_alive(pid)]
 
 
 def test_pods_resolve_each_other_through_cluster_dns(kubectl, namespace, cluster_env):
