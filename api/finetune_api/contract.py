@@ -22,10 +22,13 @@ class ExitCode(enum.IntEnum):
     INVALID_MODEL = 5  # unknown backbone, weights that do not fit: do not retry
     OUT_OF_MEMORY = 6  # the same spec would run out of memory again: do not retry
     TRANSIENT = 10  # endpoint unreachable, throttled, timed out: retried
+    # SIGTERM (preemption, eviction, drain, suspend): stopped at a step and checkpointed it;
+    # retried without counting against backoffLimit.
+    PREEMPTED = 11
 
     @property
     def retryable(self) -> bool:
-        return self in (ExitCode.FAILED, ExitCode.TRANSIENT)
+        return self in (ExitCode.FAILED, ExitCode.TRANSIENT, ExitCode.PREEMPTED)
 
     @property
     def reason(self) -> str:
@@ -34,6 +37,7 @@ class ExitCode(enum.IntEnum):
             ExitCode.INVALID_SPEC: "InvalidSpec", ExitCode.INVALID_DATA: "InvalidData",
             ExitCode.ACCESS_DENIED: "AccessDenied", ExitCode.INVALID_MODEL: "InvalidModel",
             ExitCode.OUT_OF_MEMORY: "OutOfMemory", ExitCode.TRANSIENT: "TransientError",
+            ExitCode.PREEMPTED: "Preempted",
         }[self]
 
 
@@ -78,6 +82,9 @@ COMPONENT_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+# On the trainer Job: when its latest complete checkpoint was written (RFC 3339), kept current by
+# the operator, so that whoever chooses a job to preempt can pick the one that loses least.
+ANNOTATION_LAST_CHECKPOINT_TIME = "finetune.dev/last-checkpoint-time"
 
 # Environment variables the trainer reads.
 ENV_SPEC = "FINETUNE_SPEC"  # path of the mounted manifest
@@ -106,6 +113,8 @@ METRIC_IMAGES_PER_SECOND = "finetune_images_per_second"
 METRIC_DATA_WAIT = "finetune_data_wait_seconds_total"
 METRIC_ETA = "finetune_eta_seconds"
 METRIC_CHECKPOINT_EPOCH = "finetune_checkpoint_epoch"
+METRIC_CHECKPOINT_STEP = "finetune_checkpoint_step"  # optimizer steps in the latest checkpoint
+METRIC_CHECKPOINT_TIME = "finetune_last_checkpoint_timestamp_seconds"  # when it was complete
 METRIC_GPU_MEMORY = "finetune_gpu_memory_bytes"
 METRIC_GPU_UTILIZATION = "finetune_gpu_utilization_ratio"
 METRIC_INFO = "finetune_info"  # labels: backbone, strategy, reason

@@ -321,7 +321,13 @@ def spec_schema() -> Schema:
                  "everyEpochs": _integer("Write a checkpoint every this many epochs.", default=1,
                                          minimum=1),
                  "keep": _integer("Checkpoints kept besides the latest.", default=1, minimum=0,
-                                  maximum=100)},
+                                  maximum=100),
+                 "preemptionGraceSeconds": _integer(
+                     "Seconds a trainer pod gets between SIGTERM (preemption, eviction, drain, "
+                     "suspend) and SIGKILL to finish its optimizer step and checkpoint it (the "
+                     "pod's terminationGracePeriodSeconds). Cover one step plus one checkpoint "
+                     "upload; if they do not fit, the previous checkpoint stands.",
+                     default=60, minimum=5, maximum=3600)},
                 default={}),
             "output": _immutable(_object(
                 "Where the model, labels and report are written.",
@@ -434,11 +440,17 @@ def status_schema() -> Schema:
                 "bestValAccuracy": _number("Best validation accuracy so far."),
                 "baselineAccuracy": _number("Accuracy of the non-deep baseline."),
             }),
-            "lastCheckpoint": _object("Latest checkpoint written.", {
-                "uri": _string("Where it is."),
+            "lastCheckpoint": _object("Latest complete checkpoint (also the trainer Job's "
+                                      "finetune.dev/last-checkpoint-time annotation).", {
+                "uri": _string("Where the checkpoints are."),
                 "epoch": _integer("Epochs it contains."),
-                "time": _string("When it was written.", format="date-time"),
+                "step": _integer("Optimizer steps into the next epoch it contains (a graceful "
+                                 "stop mid-epoch); 0 at an epoch's end."),
+                "time": _string("When it was complete.", format="date-time"),
             }),
+            "preemptions": _integer("Times the trainer stopped gracefully on SIGTERM "
+                                    "(preemption, eviction, drain, suspend) and checkpointed "
+                                    "the step it stopped at; not counted against backoffLimit."),
             "output": _object("Where the results are.", {
                 "modelUri": _string("Fine-tuned weights (safetensors)."),
                 "reportUri": _string("report.json."),
@@ -466,5 +478,7 @@ def printer_columns() -> list[Schema]:
          "jsonPath": ".status.metrics.valAccuracy"},
         {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
          "priority": 1, "description": "Estimated seconds remaining"},
+        {"name": "Checkpointed", "type": "date", "jsonPath": ".status.lastCheckpoint.time",
+         "description": "Age of the latest complete checkpoint"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

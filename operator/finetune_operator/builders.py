@@ -30,6 +30,7 @@ SCRATCH_DIR = "/tmp"
 TRAINER_UID = 1000
 # Annotation on the Job and its pods with the full FineTuneJob name (labels are cut at 63).
 ANNOTATION_FINETUNEJOB = "finetune.dev/finetunejob"
+DEFAULT_PREEMPTION_GRACE_SECONDS = 60
 # Spec fields the operator applies to a running Job; every other change is reported, not applied
 # (the immutable ones are refused by the CRD's transition rules before they get here).
 MUTABLE_SPEC_FIELDS = ("suspend", "activeDeadlineSeconds", "backoffLimit",
@@ -207,6 +208,11 @@ def pod_failure_policy() -> dict[str, Any]:
         # Preemption, eviction, node drain: retried without counting against backoffLimit; the
         # trainer resumes from its last checkpoint.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # The trainer stopped gracefully on SIGTERM (also a plain pod delete, a suspend, one
+        # worker's peers stopping with it) and checkpointed the step it stopped at.
+        {"action": "Ignore",
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                         "values": [int(contract.ExitCode.PREEMPTED)]}},
     ]}
 
 
@@ -248,6 +254,9 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the time the trainer has to finish its step and checkpoint it.
+        "terminationGracePeriodSeconds": (spec.get("checkpoint") or {}).get(
+            "preemptionGraceSeconds", DEFAULT_PREEMPTION_GRACE_SECONDS),
         # The trainer talks to S3, not to the Kubernetes API.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

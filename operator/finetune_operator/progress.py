@@ -7,14 +7,15 @@ to write their FineTuneJob's status.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_api import contract
 
-from finetune_operator.status import timestamp
+from finetune_operator.status import (checkpoint_status, newer_checkpoint,
+                                      checkpoint_prefix, timestamp)
 
 
 def parse_exposition(text: str) -> dict[str, Any]:
@@ -27,13 +28,6 @@ def parse_exposition(text: str) -> dict[str, Any]:
             elif not sample.labels and math.isfinite(sample.value):
                 values[sample.name] = sample.value
     return values
-
-
-def checkpoint_prefix(spec: dict[str, Any]) -> str:
-    checkpoint_uri = (spec.get("checkpoint") or {}).get("uri")
-    if checkpoint_uri:
-        return checkpoint_uri
-    return (spec.get("output") or {}).get("uri", "").rstrip("/") + "/checkpoints/"
 
 
 def progress_patch(samples: dict[str, Any], spec: dict[str, Any], status: dict[str, Any],
@@ -73,10 +67,12 @@ def progress_patch(samples: dict[str, Any], spec: dict[str, Any], status: dict[s
     if info.get("reason") and info["reason"] != status.get("strategyReason"):
         patch["strategyReason"] = info["reason"]
 
-    checkpoint_epoch = samples.get(contract.METRIC_CHECKPOINT_EPOCH)
-    previous = status.get("lastCheckpoint") or {}
-    if checkpoint_epoch is not None and checkpoint_epoch >= 1 \
-            and int(checkpoint_epoch) != previous.get("epoch"):
-        patch["lastCheckpoint"] = {"uri": checkpoint_prefix(spec), "epoch": int(checkpoint_epoch),
-                                   "time": timestamp(now)}
+    checkpoint_time = samples.get(contract.METRIC_CHECKPOINT_TIME)
+    if checkpoint_time:  # 0 until the first checkpoint of this run
+        checkpoint = checkpoint_status(
+            checkpoint_prefix(spec), samples.get(contract.METRIC_CHECKPOINT_EPOCH, 0),
+            samples.get(contract.METRIC_CHECKPOINT_STEP, 0),
+            timestamp(datetime.fromtimestamp(checkpoint_time, timezone.utc)))
+        if newer_checkpoint(checkpoint, status.get("lastCheckpoint")):
+            patch["lastCheckpoint"] = checkpoint
     return patch

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from kubernetes.client.rest import ApiException
 
+from finetune_api import contract
 from finetune_api.validation import SpecError, validate_spec
 
 from finetune_operator import builders, metrics
@@ -192,7 +193,8 @@ class Reconciler:
                 return  # the watch has not delivered it yet
             pods = self.view.pods(job) if job is not None else []
             self._apply(finetunejob, derive_status(
-                finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0))
+                finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0,
+                self.view.preemptions(job) if job is not None else []))
 
     def refresh_or_defer(self, namespace: str, name: str) -> None:
         """For watch events, which kopf does not retry: a failed refresh is queued for the
@@ -229,6 +231,10 @@ class Reconciler:
                     metrics.time_to_running.observe(max(0.0, (_now() - created_at).total_seconds()))
         if update.event:
             self.kube.post_event(finetunejob, *update.event)
+        for notice in update.notices:
+            self.kube.post_event(finetunejob, *notice)
+        if "lastCheckpoint" in update.patch:
+            self._annotate_checkpoint(finetunejob, update.patch["lastCheckpoint"])
         if update.stop_job:
             job_name = (finetunejob.get("status") or {}).get("jobName") or \
                 builders.trainer_job_name(name)
@@ -248,6 +254,21 @@ class Reconciler:
             patch = progress_patch(samples, finetunejob.get("spec") or {},
                                    finetunejob.get("status") or {}, _now())
             self.kube.patch_finetunejob_status(namespace, name, patch)
+            if "lastCheckpoint" in patch:
+                self._annotate_checkpoint(finetunejob, patch["lastCheckpoint"])
+
+    def _annotate_checkpoint(self, finetunejob: Manifest, checkpoint: dict[str, Any]) -> None:
+        """The latest checkpoint's time on the trainer Job too, where a queueing system (or a
+        person choosing what to preempt) looks: the job that checkpointed last loses least."""
+        meta = finetunejob["metadata"]
+        job_name = (finetunejob.get("status") or {}).get("jobName") or \
+            builders.trainer_job_name(meta["name"])
+        try:
+            self.kube.patch_job(meta["namespace"], job_name, {"metadata": {"annotations": {
+                contract.ANNOTATION_LAST_CHECKPOINT_TIME: checkpoint["time"]}}})
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def expire(self, finetunejob: Manifest) -> None:
         meta = finetunejob["metadata"]

@@ -75,6 +75,7 @@ class StatusUpdate:
     new_phase: str | None
     event: tuple[str, str, str] | None = None  # (type, reason, message) on a phase change
     stop_job: bool = False
+    notices: list[tuple[str, str, str]] = field(default_factory=list)  # more Events to post
 
     @property
     def transitioned(self) -> bool:
@@ -283,10 +284,55 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
     return fields
 
 
+def checkpoint_status(uri: str, epoch: int, step: int, time: str) -> dict[str, Any]:
+    return {"uri": uri, "epoch": int(epoch), "step": int(step), "time": time}
+
+
+def newer_checkpoint(candidate: dict[str, Any] | None, known: dict[str, Any] | None) -> bool:
+    if not candidate:
+        return False
+    if not known:
+        return True
+    later = parse_time(candidate.get("time")) or datetime.min.replace(tzinfo=timezone.utc)
+    earlier = parse_time(known.get("time")) or datetime.min.replace(tzinfo=timezone.utc)
+    return later > earlier or (later == earlier and candidate != known)
+
+
+def preemption_fields(spec: dict[str, Any], status: dict[str, Any],
+                      preempted: list[dict[str, Any]]) -> tuple[dict[str, Any], list]:
+    """status.preemptions and lastCheckpoint from what the gracefully stopped pods said, and an
+    Event for each preemption not counted before."""
+    count = group_attempts(spec, len(preempted))
+    known = status.get("preemptions") or 0
+    if count <= known:
+        return {}, []
+    fields: dict[str, Any] = {"preemptions": count}
+    said = preempted[-1]
+    stopped_at = said.get("checkpoint") or {}
+    if stopped_at.get("time"):
+        checkpoint = checkpoint_status(checkpoint_prefix(spec), stopped_at["epoch"],
+                                       stopped_at.get("step", 0),
+                                       timestamp(parse_time(stopped_at["time"])))
+        if newer_checkpoint(checkpoint, status.get("lastCheckpoint")):
+            fields["lastCheckpoint"] = checkpoint
+    message = said.get("message") or "the trainer stopped gracefully"
+    return fields, [("Normal", "Preempted", f"preemption {count}: {message}")]
+
+
+def checkpoint_prefix(spec: dict[str, Any]) -> str:
+    checkpoint_uri = (spec.get("checkpoint") or {}).get("uri")
+    if checkpoint_uri:
+        return checkpoint_uri
+    return (spec.get("output") or {}).get("uri", "").rstrip("/") + "/checkpoints/"
+
+
 def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manifest],
-                  now: datetime, pods_started: int = 0) -> StatusUpdate:
+                  now: datetime, pods_started: int = 0,
+                  preempted: list[dict[str, Any]] = ()) -> StatusUpdate:
     """The status patch for `finetunejob` given its trainer Job (None: not there) and the Job's
-    pods. A finished job stays finished: later observations may only fill in details."""
+    pods. `preempted`: what the Job's pods that stopped gracefully said (ClusterView keeps it
+    after the pods are gone). A finished job stays finished: later observations may only fill
+    in details."""
     meta = finetunejob["metadata"]
     spec = finetunejob.get("spec") or {}
     status = finetunejob.get("status") or {}
@@ -316,6 +362,8 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
                                verdict.reason if phase == SUSPENDED else "NotSuspended",
                                verdict.message if phase == SUSPENDED else "", generation, now)
     new: dict[str, Any] = {"phase": phase, "observedGeneration": generation}
+    preemption, notices = preemption_fields(spec, status, list(preempted))
+    new.update(preemption)
     if job is not None:
         new["jobName"] = job["metadata"]["name"]
         job_counts = (job.get("status") or {})
@@ -346,7 +394,7 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
         kind = "Warning" if phase == FAILED else "Normal"
         event = (kind, phase, verdict.message)
     return StatusUpdate(patch, old_phase, phase, event=event,
-                        stop_job=verdict.stop_job and phase == FAILED)
+                        stop_job=verdict.stop_job and phase == FAILED, notices=notices)
 
 
 def validity_conditions(finetunejob: Manifest, problems: list[str], now: datetime

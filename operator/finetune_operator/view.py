@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator
 
+from finetune_api import contract
+
 from finetune_operator.builders import ANNOTATION_FINETUNEJOB, CONTAINER_NAME
 
 Manifest = dict[str, Any]
@@ -56,6 +58,9 @@ class ClusterView:
         # uids of the pods of each Job (by Job uid) seen running or finished, kept after the
         # pods are deleted: a replaced pod is gone before its successor starts.
         self._started: dict[str, set[str]] = {}
+        # Termination messages of the pods of each Job (by Job uid) that stopped gracefully
+        # (exit code PREEMPTED), by pod uid, kept after the pods are deleted.
+        self._preempted: dict[str, dict[str, dict[str, Any]]] = {}
 
     # FineTuneJobs
     def put_finetunejob(self, body: Manifest, deleted: bool = False) -> None:
@@ -86,6 +91,8 @@ class ClusterView:
             if deleted:
                 if current and current["metadata"]["uid"] == body["metadata"]["uid"]:
                     self._jobs.pop(key, None)
+                self._started.pop(body["metadata"]["uid"], None)
+                self._preempted.pop(body["metadata"]["uid"], None)
             else:
                 self._jobs[key] = _slim(body)
         return key
@@ -116,7 +123,18 @@ class ClusterView:
             state = (_container(body).get("state") or {})
             if "running" in state or "terminated" in state:
                 self._started.setdefault(owner["uid"], set()).add(body["metadata"]["uid"])
+            terminated = state.get("terminated") or {}
+            if terminated.get("exitCode") == contract.ExitCode.PREEMPTED:
+                self._preempted.setdefault(owner["uid"], {})[body["metadata"]["uid"]] = {
+                    **contract.parse_termination_message(terminated.get("message")),
+                    "finishedAt": terminated.get("finishedAt") or ""}
         return (namespace, finetunejob)
+
+    def preemptions(self, job: Manifest) -> list[dict[str, Any]]:
+        """What the trainer pods of this Job that stopped gracefully said, oldest first."""
+        with self._lock:
+            said = list(self._preempted.get(job["metadata"]["uid"], {}).values())
+        return sorted(said, key=lambda message: message["finishedAt"])
 
     def attempts(self, job: Manifest) -> int:
         """Trainer pods of this Job seen started, deleted ones included."""

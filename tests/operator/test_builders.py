@@ -129,7 +129,7 @@ def test_pod_runs_locked_down():
 
 def test_pod_failure_policy_fails_at_once_on_do_not_retry_codes_and_ignores_disruption():
     policy = builders.build_trainer_job(finetunejob(), CONFIG)["spec"]["podFailurePolicy"]
-    fail, ignore = policy["rules"]
+    fail, ignore, graceful = policy["rules"]
     assert fail["action"] == "FailJob"
     assert fail["onExitCodes"]["values"] == contract.NON_RETRYABLE_EXIT_CODES
     assert fail["onExitCodes"]["containerName"] == "trainer"
@@ -137,6 +137,17 @@ def test_pod_failure_policy_fails_at_once_on_do_not_retry_codes_and_ignores_disr
         assert (code in fail["onExitCodes"]["values"]) == (code != 0 and not code.retryable)
     assert ignore == {"action": "Ignore",
                       "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # A graceful stop on SIGTERM, whatever sent it, is not a failure either.
+    assert graceful == {"action": "Ignore", "onExitCodes": {
+        "containerName": "trainer", "operator": "In", "values": [contract.ExitCode.PREEMPTED]}}
+
+
+def test_the_grace_period_is_the_trainers_checkpoint_grace():
+    pod = builders.build_trainer_job(finetunejob(), CONFIG)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    spec = finetunejob(checkpoint={"preemptionGraceSeconds": 300})
+    pod = builders.build_trainer_job(spec, CONFIG)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
 
 
 def test_job_fields_from_spec():

@@ -12,7 +12,11 @@ from operator_factories import finetunejob
 NOW = datetime(2026, 11, 28, 10, 10, tzinfo=timezone.utc)
 
 
-def trainer_exposition(epoch=3, steps=120, checkpoint_epoch=3, with_info=True) -> str:
+CHECKPOINTED = datetime(2026, 11, 28, 10, 7, 30, tzinfo=timezone.utc)
+
+
+def trainer_exposition(epoch=3, steps=120, checkpoint_epoch=3, checkpoint_step=0,
+                       checkpointed=CHECKPOINTED, with_info=True) -> str:
     registry = CollectorRegistry()
     Gauge(contract.METRIC_EPOCH, "epochs", registry=registry).set(epoch)
     Gauge(contract.METRIC_PLANNED_EPOCHS, "planned", registry=registry).set(10)
@@ -23,6 +27,9 @@ def trainer_exposition(epoch=3, steps=120, checkpoint_epoch=3, with_info=True) -
     Gauge(contract.METRIC_BEST_VAL_ACCURACY, "best", registry=registry).set(0.83)
     Gauge(contract.METRIC_ETA, "eta", registry=registry).set(754.6)
     Gauge(contract.METRIC_CHECKPOINT_EPOCH, "ckpt", registry=registry).set(checkpoint_epoch)
+    Gauge(contract.METRIC_CHECKPOINT_STEP, "ckpt step", registry=registry).set(checkpoint_step)
+    Gauge(contract.METRIC_CHECKPOINT_TIME, "ckpt time", registry=registry).set(
+        checkpointed.timestamp() if checkpointed else 0)
     lr = Gauge(contract.METRIC_LEARNING_RATE, "lr", ["group"], registry=registry)
     lr.labels("head").set(0.001)
     if with_info:
@@ -42,22 +49,30 @@ def test_progress_from_the_trainers_metrics():
     assert patch["metrics"] == {"trainLoss": 0.42, "valAccuracy": 0.81, "bestValAccuracy": 0.83}
     assert patch["resolvedStrategy"] == "FineTune"
     assert patch["strategyReason"] == "1200 images per class"
+    # When the trainer wrote it, not when the operator read it.
     assert patch["lastCheckpoint"] == {"uri": "s3://models/flowers/checkpoints/", "epoch": 3,
-                                       "time": "2026-11-28T10:10:00Z"}
+                                       "step": 0, "time": "2026-11-28T10:07:30Z"}
 
 
 def test_checkpoint_time_only_moves_with_a_new_checkpoint():
     samples = parse_exposition(trainer_exposition())
     status = {"lastCheckpoint": {"uri": "s3://models/flowers/checkpoints/", "epoch": 3,
-                                 "time": "2026-11-28T10:05:00Z"},
+                                 "step": 0, "time": "2026-11-28T10:07:30Z"},
               "resolvedStrategy": "FineTune", "strategyReason": "1200 images per class"}
     patch = progress_patch(samples, finetunejob()["spec"], status, NOW)
     assert "lastCheckpoint" not in patch
     assert "resolvedStrategy" not in patch
+    # A graceful stop's checkpoint, mid-epoch, a minute later:
+    later = parse_exposition(trainer_exposition(checkpoint_step=17, checkpointed=datetime(
+        2026, 11, 28, 10, 8, 30, tzinfo=timezone.utc)))
+    assert progress_patch(later, finetunejob()["spec"], status, NOW)["lastCheckpoint"] == {
+        "uri": "s3://models/flowers/checkpoints/", "epoch": 3, "step": 17,
+        "time": "2026-11-28T10:08:30Z"}
 
 
 def test_percent_falls_back_to_epochs_and_checkpoint_uri_to_the_spec():
-    text = "\n".join([f"{contract.METRIC_EPOCH} 4", f"{contract.METRIC_CHECKPOINT_EPOCH} 4", ""])
+    text = "\n".join([f"{contract.METRIC_EPOCH} 4", f"{contract.METRIC_CHECKPOINT_EPOCH} 4",
+                      f"{contract.METRIC_CHECKPOINT_TIME} {CHECKPOINTED.timestamp()}", ""])
     spec = finetunejob(checkpoint={"uri": "s3://ckpt/flowers/"})["spec"]
     patch = progress_patch(parse_exposition(text), spec, {}, NOW)
     assert patch["progress"]["percent"] == 40.0
@@ -68,7 +83,8 @@ def test_percent_falls_back_to_epochs_and_checkpoint_uri_to_the_spec():
 
 def test_before_the_first_epoch():
     patch = progress_patch(parse_exposition(trainer_exposition(epoch=0, steps=0,
-                                                               checkpoint_epoch=0)),
+                                                               checkpoint_epoch=0,
+                                                               checkpointed=None)),
                            finetunejob()["spec"], {}, NOW)
     assert patch["progress"]["epochProgress"] == "0/10"
     assert patch["progress"]["percent"] == 0.0

@@ -297,3 +297,37 @@ def test_several_workers_report_rank_zeros_result_and_count_group_attempts():
     assert update.patch["output"] == {"reportUri": "s3://models/flowers/report.json"}
     # Four pods started: the group of two, twice.
     assert update.patch["attempts"] == 2
+
+
+def test_a_graceful_stop_counts_a_preemption_updates_the_checkpoint_and_posts_an_event():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1,
+              "lastCheckpoint": {"uri": "s3://models/flowers/checkpoints/", "epoch": 1,
+                                 "step": 0, "time": "2026-11-28T10:03:00Z"}}
+    said = {"reason": "Preempted", "message": "stopped on SIGTERM at epoch 2 step 5; checkpoint "
+            "s3://models/flowers/checkpoints/epoch-0001-step-00005.pt",
+            "checkpoint": {"uri": "s3://models/flowers/checkpoints/epoch-0001-step-00005.pt",
+                           "epoch": 1, "step": 5, "time": "2026-11-28T10:04:59.123+00:00"},
+            "finishedAt": "2026-11-28T10:05:00Z"}
+    stopped = pod(name="a", phase="Failed", state=terminated_state(
+        int(contract.ExitCode.PREEMPTED), contract.termination_message(**said)))
+    update = derive_status(finetunejob(status=status), job(active=0), [stopped], NOW,
+                           preempted=[said])
+    assert update.new_phase == "Running"
+    assert update.patch["preemptions"] == 1
+    assert update.patch["lastCheckpoint"] == {"uri": "s3://models/flowers/checkpoints/",
+                                              "epoch": 1, "step": 5,
+                                              "time": "2026-11-28T10:04:59Z"}
+    assert update.notices == [("Normal", "Preempted", f"preemption 1: {said['message']}")]
+    assert "Preempted" in conditions(update)["Running"]["message"]
+    # Seen again (another watch event): counted once, no second Event.
+    again = derive_status(finetunejob(status={**status, **update.patch}), job(active=0),
+                          [stopped], NOW, preempted=[said])
+    assert "preemptions" not in again.patch and again.notices == []
+
+
+def test_a_two_worker_group_stopping_together_is_one_preemption():
+    status = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z", "attempts": 1}
+    said = {"reason": "Preempted", "message": "stopped", "finishedAt": "2026-11-28T10:05:00Z"}
+    update = derive_status(finetunejob(status=status, resources={"workers": 2}), job(active=0),
+                           [], NOW, preempted=[said, said])
+    assert update.patch["preemptions"] == 1

@@ -1,9 +1,10 @@
 from datetime import datetime, timedelta, timezone
 
+from finetune_api import contract
 from finetune_operator.loops import expired, metrics_url
 from finetune_operator.view import ClusterView
 
-from operator_factories import FTJ_UID, finetunejob, job, pod, running_state
+from operator_factories import FTJ_UID, finetunejob, job, pod, running_state, terminated_state
 
 
 def test_metrics_url_is_pod_ip_and_the_metrics_container_port():
@@ -72,3 +73,23 @@ def test_attempts_count_pods_that_started_even_after_they_are_deleted():
     view.put_pod(second)
     view.put_pod(second)
     assert view.attempts(job()) == 2
+
+
+def test_graceful_stops_are_remembered_after_their_pods_are_deleted_and_forgotten_with_the_job():
+    view = ClusterView()
+    said = contract.termination_message(
+        reason="Preempted", message="stopped on SIGTERM at epoch 2 step 5",
+        checkpoint={"uri": "s3://m/c/epoch-0001-step-00005.pt", "epoch": 1, "step": 5,
+                    "time": "2026-11-28T10:04:59+00:00"})
+    stopped = pod(name="a", phase="Failed", state=terminated_state(
+        int(contract.ExitCode.PREEMPTED), said))
+    crashed = pod(name="b", phase="Failed", state=terminated_state(1, "boom",
+                                                                   finished="2026-11-28T10:06:00Z"))
+    for body in (stopped, crashed):
+        view.put_pod(body)
+        view.put_pod(body, deleted=True)
+    preemptions = view.preemptions(job())
+    assert [p["checkpoint"]["step"] for p in preemptions] == [5]
+    assert preemptions[0]["finishedAt"] == "2026-11-28T10:05:00Z"
+    view.put_job(job(), deleted=True)
+    assert view.preemptions(job()) == [] and view.attempts(job()) == 0

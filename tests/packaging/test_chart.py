@@ -244,6 +244,15 @@ def test_rules_and_dashboard_are_the_monitoring_files(helm, tmp_path):
     rule = one(objects, "PrometheusRule")
     plain = yaml.safe_load((MONITORING / "finetune-rules.yaml").read_text())
     assert rule["spec"] == plain
+    # The checkpoint age threshold is a value; everything else is the file as it is.
+    stale = one(render(helm, {**FULL_VALUES, "prometheusRule": {
+        **FULL_VALUES["prometheusRule"], "checkpointMaxAgeSeconds": 900}}, tmp_path),
+        "PrometheusRule")
+    expressions = {r["alert"]: r["expr"] for g in stale["spec"]["groups"] for r in g["rules"]}
+    assert "finetune_last_checkpoint_timestamp_seconds) > 900" in \
+        expressions["FineTuneJobCheckpointStale"]
+    assert "> 3600" in {r["alert"]: r["expr"] for g in plain["groups"]
+                        for r in g["rules"]}["FineTuneJobCheckpointStale"]
     dashboard = one(objects, "ConfigMap")
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -5,7 +5,9 @@ only `keep` older ones remain."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
+import pytest
 import torch
 
 from finetune_trainer.checkpoint import Checkpoints, job_identity
@@ -25,6 +27,10 @@ class RecordingStore:
     def write_bytes(self, uri, data, **kwargs):
         self.writes.append(uri.rsplit("/", 1)[-1])
         self.inner.write_bytes(uri, data, **kwargs)
+
+    def upload_file(self, path, uri, **kwargs):
+        self.writes.append(uri.rsplit("/", 1)[-1])
+        self.inner.upload_file(path, uri, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -70,3 +76,35 @@ def test_checkpoints_of_another_job_or_spec_are_not_used(tmp_path):
                            log=lambda *_: None).load_latest() is None
     assert same_training == IDENTITY
     assert json.loads((tmp_path / "latest.json").read_text())["identity"] == IDENTITY
+
+
+@pytest.mark.s3
+def test_a_checkpoint_larger_than_a_part_streams_both_ways_without_a_copy_in_memory(
+        aws_env, s3_bucket):
+    """Multipart up, parallel ranged GETs down, through a temporary file: Python holds at most
+    the parts in flight (max_concurrency of them), never the serialized checkpoint (a BytesIO of
+    it and its getvalue() held two)."""
+    part = 5 * 1024 * 1024
+    store = open_store({"endpoint": aws_env["AWS_ENDPOINT_URL"]}, multipart_chunk_bytes=part,
+                       max_concurrency=2)
+    checkpoints = Checkpoints(store, f"s3://{s3_bucket}/run/checkpoints/", IDENTITY, keep=1,
+                              log=lambda *_: None)
+    weights = torch.randn(6 * 1024 * 1024)  # 24 MiB: five parts
+    size = weights.numel() * weights.element_size()
+    checkpoints.load_latest()  # the client's first call loads botocore's models: ~15 MB
+    tracemalloc.start()
+    try:
+        entry = checkpoints.save({"weights": weights}, 2, 17)
+        _, save_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loaded = checkpoints.load_latest()
+        _, load_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert entry["bytes"] > size and entry["file"] == "epoch-0002-step-00017.pt"
+    head = store.client.head_object(Bucket=s3_bucket, Key="run/checkpoints/" + entry["file"])
+    assert head["ETag"].strip('"').endswith("-5")  # uploaded in parts
+    assert (loaded.epoch, loaded.step) == (2, 17)
+    assert torch.equal(loaded.state["weights"], weights)
+    assert save_peak < 2 * part + part / 2 < size, save_peak
+    assert load_peak < 2 * part + part / 2 < size, load_peak

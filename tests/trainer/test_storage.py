@@ -85,13 +85,16 @@ def test_download_is_atomic(store, s3_bucket, tmp_path, monkeypatch):
     def get_object_that_breaks(**kwargs):
         response = real_get_object(**kwargs)
         body = response["Body"]
-        real_chunks = body.iter_chunks
+        real_read = body.read
+        reads = []
 
-        def chunks(size):
-            yield next(real_chunks(size))
-            raise ConnectionResetError("connection reset by peer")
+        def read(*args):
+            reads.append(1)
+            if len(reads) > 1:  # every attempt (the transfer manager retries) breaks
+                raise ConnectionResetError("connection reset by peer")
+            return real_read(*args)
 
-        body.iter_chunks = chunks
+        body.read = read
         return response
 
     monkeypatch.setattr(store.client, "get_object", get_object_that_breaks)
@@ -165,10 +168,9 @@ def test_upload_directory_skips_unchanged(store, s3_bucket, tmp_path):
     assert store.read_bytes(join_uri(uri, "train/cat/2.png")) == b"cat TWO"
 
 
-def test_local_etag_matches_s3_multipart_etag(store, s3_bucket, tmp_path, monkeypatch):
-    from finetune_trainer import storage
-
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 1024 * 1024)  # S3's minimum part
+def test_local_etag_matches_s3_multipart_etag(aws_env, s3_bucket, tmp_path):
+    store = open_store({"endpoint": aws_env["AWS_ENDPOINT_URL"]},
+                       multipart_chunk_bytes=5 * 1024 * 1024)  # S3's minimum part
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(11 * 1024 * 1024))
     uri = f"s3://{s3_bucket}/weights.bin"

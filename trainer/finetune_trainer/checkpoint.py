@@ -2,9 +2,16 @@
 
 Layout under spec.checkpoint.uri (default <output.uri>/checkpoints/):
 
-    epoch-0003.pt   torch.save of model, optimizer, scheduler, epoch, best metric, RNG, classes
-    latest.json     pointer: the job's identity and the kept checkpoints, newest first, each with
-                    its sha256
+    epoch-0003.pt             torch.save of model, optimizer, scheduler, epoch, best metric, RNG,
+                              classes: the state after 3 complete epochs
+    epoch-0003-step-00017.pt  the same, 17 optimizer steps into epoch 4 (a graceful stop on
+                              SIGTERM, preemption.py), with the partial epoch's statistics
+    latest.json               pointer: the job's identity and the kept checkpoints, newest
+                              first, each with its sha256, epoch, step and time
+
+Checkpoint files go through a temporary file and boto3's transfer manager (multipart, parallel
+parts) in both directions, so neither a save nor a load holds the serialized bytes in memory next
+to the tensors, and checkpoints over S3's 5 GB single-PUT limit work.
 
 A checkpoint file is written completely before the pointer names it, and the pointer is replaced
 atomically, so a reader never follows it to a partial file. On resume the newest entry whose
@@ -16,12 +23,13 @@ checkpoints, or its own from before a spec change.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -31,6 +39,7 @@ POINTER_NAME = "latest.json"
 # Spec fields whose change makes an old checkpoint meaningless for the new run.
 TRAINING_FIELDS = ("dataset", "model", "strategy", "linearProbe", "freeze", "optimizer",
                    "schedule", "epochs", "batchSize", "augmentation", "labelSmoothing", "seed")
+_HASH_CHUNK_BYTES = 1024 * 1024
 
 
 def job_identity(metadata: Mapping, spec: Mapping) -> dict:
@@ -58,11 +67,24 @@ def restore_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    return f"epoch-{epoch:04d}.pt" if not step else f"epoch-{epoch:04d}-step-{step:05d}.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass
 class LoadedCheckpoint:
     state: dict
     uri: str
     epoch: int
+    step: int = 0
 
 
 class Checkpoints:
@@ -79,19 +101,21 @@ class Checkpoints:
             self.log(f"checkpoint pointer {pointer_uri} is unreadable; starting fresh")
             return None
 
-    def save(self, state: Mapping, epoch: int) -> str:
-        """Write the checkpoint of `epoch` (epochs completed), then point latest.json at it, then
-        delete the checkpoints beyond spec.checkpoint.keep."""
-        buffer = io.BytesIO()
-        torch.save(dict(state), buffer)
-        data = buffer.getvalue()
-        name = f"epoch-{epoch:04d}.pt"
+    def save(self, state: Mapping, epoch: int, step: int = 0) -> dict:
+        """Write the checkpoint of `epoch` epochs completed and `step` steps into the next, then
+        point latest.json at it, then delete the checkpoints beyond spec.checkpoint.keep.
+        Returns the pointer's entry for it, with its `uri`."""
+        name = checkpoint_name(epoch, step)
         uri = join_uri(self.uri, name)
-        self.store.write_bytes(uri, data)
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
+            path = Path(scratch) / name
+            torch.save(dict(state), path)
+            entry = {"file": name, "epoch": epoch, "step": step, "sha256": _sha256(path),
+                     "bytes": path.stat().st_size}
+            self.store.upload_file(path, uri)
+        entry["time"] = datetime.now(timezone.utc).isoformat()
         pointer = self._read_pointer()
         previous = pointer["checkpoints"] if pointer and pointer.get("identity") == self.identity else []
-        entry = {"file": name, "epoch": epoch, "sha256": hashlib.sha256(data).hexdigest(),
-                 "bytes": len(data), "time": datetime.now(timezone.utc).isoformat()}
         kept = [entry] + [e for e in previous if e["file"] != name][:self.keep]
         self.store.write_bytes(join_uri(self.uri, POINTER_NAME),
                                json.dumps({"identity": self.identity, "checkpoints": kept},
@@ -101,7 +125,7 @@ class Checkpoints:
                 self.store.delete(join_uri(self.uri, dropped["file"]))
             except Exception as error:  # noqa: BLE001 - a leftover file is harmless
                 self.log(f"could not delete old checkpoint {dropped['file']}: {error}")
-        return uri
+        return {**entry, "uri": uri}
 
     def load_latest(self) -> LoadedCheckpoint | None:
         """The newest valid checkpoint of this job and spec, or None."""
@@ -114,18 +138,22 @@ class Checkpoints:
             return None
         for entry in pointer.get("checkpoints", []):
             uri = join_uri(self.uri, entry["file"])
-            try:
-                data = self.store.read_bytes(uri)
-            except Exception as error:  # noqa: BLE001 - fall back to the previous checkpoint
-                self.log(f"checkpoint {uri} unreadable ({error}); trying the previous one")
-                continue
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                self.log(f"checkpoint {uri} does not match its checksum; trying the previous one")
-                continue
-            try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as error:  # noqa: BLE001
-                self.log(f"checkpoint {uri} does not load ({error}); trying the previous one")
-                continue
-            return LoadedCheckpoint(state=state, uri=uri, epoch=entry["epoch"])
+            with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
+                path = Path(scratch) / entry["file"]
+                try:
+                    self.store.download_file(uri, path)
+                except Exception as error:  # noqa: BLE001 - fall back to the previous checkpoint
+                    self.log(f"checkpoint {uri} unreadable ({error}); trying the previous one")
+                    continue
+                if _sha256(path) != entry["sha256"]:
+                    self.log(f"checkpoint {uri} does not match its checksum; trying the previous "
+                             "one")
+                    continue
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as error:  # noqa: BLE001
+                    self.log(f"checkpoint {uri} does not load ({error}); trying the previous one")
+                    continue
+            return LoadedCheckpoint(state=state, uri=uri, epoch=entry["epoch"],
+                                    step=entry.get("step", 0))
         return None

@@ -87,6 +87,16 @@ def broadcast_value(world: World, value):
     return holder[0]
 
 
+def any_rank(world: World, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce)."""
+    if not world.launched:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def lr_factor(rule: str, world_size: int) -> float:
     """The learning-rate scaling rule for a global batch world_size times spec.batchSize."""
     return {"None": 1.0, "Linear": float(world_size),
@@ -128,11 +138,16 @@ def launch(arguments: list[str], environ=os.environ) -> int:
     """Run torchrun in this process; the exit code of the first rank that failed (so that the
     operator's podFailurePolicy still sees the trainer's own codes), else 0. Peers that did not
     all join in time raise a TrainerError (retryable) that says so."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
     try:
         run(get_args_parser().parse_args(arguments))
+    except SignalException:
+        # torchrun passed the SIGTERM on to its ranks and waited for them (up to 30 s): they
+        # stopped at one step and rank 0 checkpointed it.
+        return int(ExitCode.PREEMPTED)
     except ChildFailedError as error:
         first = min(error.failures.values(), key=lambda failure: failure.timestamp)
         return int(first.exitcode) if first.exitcode and first.exitcode > 0 else 1

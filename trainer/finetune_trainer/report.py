@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import safetensors.torch
@@ -91,7 +93,9 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
     metadata = {"classes": json.dumps(classes), "imageSize": str(preprocessing.input_size),
                 "preprocessing": json.dumps(preprocessing.describe())}
     model_uri = join_uri(output_uri, MODEL_FILE)
-    store.write_bytes(model_uri, safetensors.torch.save(state, metadata=metadata))
+    with tempfile.TemporaryDirectory(prefix="model-") as scratch:  # streamed, not held twice
+        safetensors.torch.save_file(state, Path(scratch) / MODEL_FILE, metadata=metadata)
+        store.upload_file(Path(scratch) / MODEL_FILE, model_uri)
     outputs = {"modelUri": model_uri, "labelsUri": join_uri(output_uri, LABELS_FILE),
                "reportUri": report_uri, "torchscriptUri": None}
     try:

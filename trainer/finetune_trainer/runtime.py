@@ -17,6 +17,7 @@ from finetune_trainer import distributed, race, train
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.manifests import read_manifest  # noqa: F401 - part of this module's API
 from finetune_trainer.metrics import TrainerMetrics
+from finetune_trainer.preemption import STOP, Preempted
 from finetune_trainer.pushgateway import PushedRun
 
 DEFAULT_METRICS_PORT = 9400
@@ -53,6 +54,14 @@ def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetr
     train.main (output_uri, epochs, cache_dir)."""
     try:
         report = train.main(manifest, metrics=metrics, log=log, **options)
+    except Preempted as error:
+        log(f"preempted: {error.message}")
+        checkpoint = ({key: error.checkpoint[key] for key in ("uri", "epoch", "step", "time")}
+                      if error.checkpoint else None)
+        _write_termination_log(termination_log, termination_message(
+            reason=error.reason, message=error.message, exitCode=int(error.exit_code),
+            checkpoint=checkpoint))
+        return int(error.exit_code)
     except TrainerError as error:
         problem = failure(error.exit_code, error.message, error.field)
     except torch.OutOfMemoryError as error:
@@ -96,6 +105,7 @@ def pod_main(argv: list[str] | None = None) -> int:
         contract.ENV_SPEC, f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"),
         help="the FineTuneJob manifest (default: $FINETUNE_SPEC or /etc/finetune/spec.yaml)")
     args = parser.parse_args(argv)
+    STOP.install()  # PID 1 of the container: without a handler SIGTERM would be ignored
     termination_log = os.environ.get(contract.ENV_TERMINATION_LOG, "/dev/termination-log")
     log = print_flush
     world = distributed.world_from_env()

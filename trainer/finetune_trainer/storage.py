@@ -162,6 +162,10 @@ def _translate(error: Exception, uri: str, field: str | None, operation: str) ->
         return TrainerError(ExitCode.TRANSIENT,
                             f"S3 endpoint unreachable while trying to {operation} {uri}: "
                             f"{error}", field)
+    # The transfer manager wraps the cause: a failed multipart upload, or a download whose
+    # retries of a broken stream ran out.
+    if type(error).__name__ == "RetriesExceededError" and getattr(error, "last_exception", None):
+        return _translate(error.last_exception, uri, field, operation)
     upload_failed = error.__cause__ or error.__context__
     if type(error).__name__ == "S3UploadFailedError" and upload_failed is not None:
         return _translate(upload_failed, uri, field, operation)
@@ -173,9 +177,11 @@ class ObjectStore:
     client is created once and shared, as boto3 documents clients to be."""
 
     def __init__(self, s3: dict | None = None, *, page_size: int = 1000,
-                 max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 60):
+                 max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 60,
+                 multipart_chunk_bytes: int = MULTIPART_CHUNK_BYTES, max_concurrency: int = 4):
         self.s3_settings = dict(s3 or {})
         self.page_size = page_size
+        self.multipart_chunk_bytes, self.max_concurrency = multipart_chunk_bytes, max_concurrency
         self.stats = TransferStats()
         self._client_options = {"max_attempts": max_attempts, "connect_timeout": connect_timeout,
                                 "read_timeout": read_timeout}
@@ -303,17 +309,23 @@ class ObjectStore:
         except Exception as error:
             raise _local_error(error, uri, field, "write") from error
 
+    def _transfer_config(self):
+        """Multipart above one part's size, parts in parallel, at most `max_concurrency` parts
+        in memory at once."""
+        from boto3.s3.transfer import TransferConfig
+        return TransferConfig(multipart_threshold=self.multipart_chunk_bytes + 1,
+                              multipart_chunksize=self.multipart_chunk_bytes,
+                              max_concurrency=self.max_concurrency, use_threads=True)
+
     def upload_file(self, path, uri: str, *, field: str | None = None) -> None:
+        """Stream a file to `uri` (S3: boto3's transfer manager, multipart when large). Readers
+        see the old object or the new one, never part of it."""
         path = Path(path)
         size = path.stat().st_size
         if is_s3_uri(uri):
-            from boto3.s3.transfer import TransferConfig
-
             bucket, key = split_s3_uri(uri)
-            transfer = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES + 1,
-                                      multipart_chunksize=MULTIPART_CHUNK_BYTES)
             try:
-                self.client.upload_file(str(path), bucket, key, Config=transfer)
+                self.client.upload_file(str(path), bucket, key, Config=self._transfer_config())
             except Exception as error:
                 raise _translate(error, uri, field, "write") from error
             self.stats.add(puts=1, bytes_uploaded=size)
@@ -326,8 +338,9 @@ class ObjectStore:
             raise _local_error(error, uri, field, "write") from error
 
     def download_file(self, uri: str, path, *, field: str | None = None) -> int:
-        """Download to `path` through a temporary file renamed into place, so an interrupted
-        download never leaves a partial file there. Returns the bytes written."""
+        """Download to `path` (S3: the transfer manager, parallel ranged GETs when large)
+        through a temporary file renamed into place, so an interrupted download never leaves a
+        partial file there. Returns the bytes written."""
         path = Path(path)
         if not is_s3_uri(uri):
             source = local_path(uri)
@@ -338,15 +351,13 @@ class ObjectStore:
                 raise _local_error(error, uri, field, "read") from error
             return path.stat().st_size
         bucket, key = split_s3_uri(uri)
-        written = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            response = self.client.get_object(Bucket=bucket, Key=key)
-            with _atomic_local_file(path) as file:
-                for chunk in response["Body"].iter_chunks(_READ_CHUNK_BYTES):
-                    file.write(chunk)
-                    written += len(chunk)
+            # s3transfer writes to a temporary name beside `path` and renames it on success.
+            self.client.download_file(bucket, key, str(path), Config=self._transfer_config())
         except Exception as error:
             raise _translate(error, uri, field, "download") from error
+        written = path.stat().st_size
         self.stats.add(gets=1, bytes_downloaded=written)
         return written
 
@@ -449,7 +460,7 @@ def upload_directory(local_dir: Path, uri: str, store: ObjectStore, max_workers:
         if info is None or info.size != path.stat().st_size:
             return False
         if is_s3_uri(uri):
-            return info.etag == local_etag(path)
+            return info.etag == local_etag(path, store.multipart_chunk_bytes)
         return local_etag(path) == local_etag(local_path(info.uri))
 
     def upload(path: Path) -> int:

@@ -6,6 +6,7 @@ race.py), `main`. Modelled on torchvision's references/classification/train.py; 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from finetune_trainer.data import ImageDataset, prepare_dataset
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.models import build_model
+from finetune_trainer.preemption import STOP, Preempted
 from finetune_trainer.preflight import check_preflight
 from finetune_trainer.preprocessing import Preprocessing, build_transform, resolve_preprocessing
 from finetune_trainer.report import classification_summary, write_outputs
@@ -62,17 +64,30 @@ class EpochStats:
     images: int
     seconds: float
     data_wait_seconds: float
+    steps: int = 0
+    interrupted: bool = False  # stopped by a stop request before the epoch's last step
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    def plus(self, later: EpochStats) -> EpochStats:
+        """These steps of an epoch followed by `later` ones (a run resumed mid-epoch)."""
+        images = self.images + later.images
+        return EpochStats(loss=(self.loss * self.images + later.loss * later.images) / max(1, images),
+                          images=images, seconds=self.seconds + later.seconds,
+                          data_wait_seconds=self.data_wait_seconds + later.data_wait_seconds,
+                          steps=self.steps + later.steps, interrupted=later.interrupted)
+
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, loader, run: Device, *, frozen_norms: list[nn.Module] = (),
-                    metrics: TrainerMetrics | None = None) -> EpochStats:
+                    metrics: TrainerMetrics | None = None, should_stop=None) -> EpochStats:
+    """Train on what `loader` yields. `should_stop()` is asked after each optimizer step; when
+    it says yes the epoch ends there, marked `interrupted` if steps were left."""
     policy.set_train_mode(model, list(frozen_norms))
-    total_loss, images_seen, data_wait = 0.0, 0, 0.0
+    total_loss, images_seen, data_wait, steps = 0.0, 0, 0.0, 0
+    remaining = len(loader)
     started = step_started = time.perf_counter()
     for images, targets in loader:
         waited = time.perf_counter() - step_started
@@ -87,12 +102,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         total_loss += loss.item() * len(targets)
         images_seen += len(targets)
         data_wait += waited
+        steps += 1
         if metrics is not None:
             metrics.step_done(seconds=time.perf_counter() - step_started, data_wait_seconds=waited,
                               learning_rates=policy.group_learning_rates(optimizer))
+        if should_stop is not None and steps < remaining and should_stop():
+            return EpochStats(loss=total_loss / max(1, images_seen), images=images_seen,
+                              seconds=time.perf_counter() - started, data_wait_seconds=data_wait,
+                              steps=steps, interrupted=True)
         step_started = time.perf_counter()
     return EpochStats(loss=total_loss / max(1, images_seen), images=images_seen,
-                      seconds=time.perf_counter() - started, data_wait_seconds=data_wait)
+                      seconds=time.perf_counter() - started, data_wait_seconds=data_wait,
+                      steps=steps)
 
 
 def distributed_model(model: nn.Module, run: Device, compile_model: bool) -> nn.Module:
@@ -129,6 +150,36 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, run: Device) -> Eva
                       targets=targets_all, predictions=predictions_all)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of one seeded permutation of the training images per epoch, from a
+    given position: a run resumed mid-epoch sees exactly the images an uninterrupted run would
+    have seen next, none twice and none skipped. With several processes the permutation is
+    padded and dealt as torch's DistributedSampler deals it."""
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, replicas: int = 1):
+        self.size, self.seed, self.rank, self.replicas = size, seed, rank, replicas
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch`, skipping the first `start` images of this process's share."""
+        self.epoch, self.start = epoch, start
+
+    def _share(self) -> list[int]:
+        order = torch.randperm(self.size,
+                               generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.tolist()
+        if self.replicas > 1:
+            total = math.ceil(self.size / self.replicas) * self.replicas
+            order = (order * math.ceil(total / max(1, self.size)))[:total][self.rank::self.replicas]
+        return order
+
+    def __iter__(self):
+        return iter(self._share()[self.start:])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.replicas) - self.start
+
+
 @dataclass
 class Loaders:
     train: torch.utils.data.DataLoader
@@ -146,16 +197,14 @@ def load_data(dataset, *, preprocessing: Preprocessing, augmentation: str, batch
               "pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
     train_images = ImageDataset(dataset.train,
                                 build_transform(augmentation, preprocessing, train=True))
-    if world.launched:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            train_images, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
-        train = torch.utils.data.DataLoader(train_images, sampler=sampler,
-                                            drop_last=len(sampler) > batch_size, **common)
-    else:
-        train = torch.utils.data.DataLoader(
-            train_images, shuffle=True, generator=torch.Generator().manual_seed(seed),
-            # A last batch of one image breaks BatchNorm in training mode.
-            drop_last=len(dataset.train) > batch_size, **common)
+    sampler = EpochSampler(len(train_images), seed=seed, rank=world.rank,
+                           replicas=world.size if world.launched else 1)
+    # The loader's own generator (reseeded each epoch) seeds its worker processes, so that
+    # making an iterator draws nothing from the global RNG a checkpoint restores.
+    train = torch.utils.data.DataLoader(
+        train_images, sampler=sampler, generator=torch.Generator().manual_seed(seed),
+        # A last batch of one image breaks BatchNorm in training mode.
+        drop_last=len(sampler) > batch_size, **common)
     val = torch.utils.data.DataLoader(ImageDataset(dataset.val, eval_transform), **common)
     train_eval = torch.utils.data.DataLoader(ImageDataset(dataset.train, eval_transform), **common)
     return Loaders(train=train, val=val, train_eval=train_eval, preprocessing=preprocessing)
@@ -168,6 +217,8 @@ class TrainingResult:
     best_val_accuracy: float = 0.0
     best_epoch: int = 0
     resumed_from_epoch: int | None = None
+    resumed_from_step: int = 0  # optimizer steps into that epoch (a graceful mid-epoch stop)
+    optimizer_steps: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
     images_per_second: float = 0.0
@@ -230,7 +281,11 @@ class FineTuneRun:
         self.best: Evaluation | None = None
         self.best_state: dict | None = None  # weights of the best epoch, with early stopping
         self.epochs_done = 0
-        self.stopped = False
+        self.stopped = False  # by early stopping
+        # A graceful stop mid-epoch: the steps of the current epoch done and their statistics.
+        self.step_in_epoch, self.partial_epoch = 0, None
+        self.interrupted = False
+        self.optimizer_steps = 0
         self._train_forward, self._wrapped_frozen_count = self.forward, None
 
     @property
@@ -246,6 +301,9 @@ class FineTuneRun:
                 "bestLoss": self.best.loss if self.best else None,
                 "trainSeconds": self.result.train_seconds,
                 "earlyStopping": (self.early_stopping.best, self.early_stopping.bad_epochs),
+                "stepInEpoch": self.step_in_epoch,
+                "partialEpoch": vars(self.partial_epoch).copy() if self.partial_epoch else None,
+                "optimizerSteps": self.optimizer_steps,
                 "rng": rng_state(), "worldSize": self.world.size}
 
     def restore(self, state: dict) -> None:
@@ -263,27 +321,45 @@ class FineTuneRun:
                                    targets=None, predictions=None)
         self.result.train_seconds = state["trainSeconds"]
         self.early_stopping.best, self.early_stopping.bad_epochs = state["earlyStopping"]
+        self.step_in_epoch = state.get("stepInEpoch", 0)
+        partial = state.get("partialEpoch")
+        self.partial_epoch = EpochStats(**partial) if partial else None
+        self.optimizer_steps = state.get("optimizerSteps",
+                                         self.epochs_done * self.steps_per_epoch)
+        self.result.resumed_from_step = self.step_in_epoch
 
     def train_epoch(self, *, metrics: TrainerMetrics | None, log=print,
-                    label: str = "") -> bool:
-        """Train and evaluate one epoch; True when early stopping says to stop."""
+                    label: str = "", should_stop=None) -> bool:
+        """Train and evaluate one epoch (the rest of it, after a mid-epoch resume); True when
+        early stopping says to stop. When `should_stop()` says yes after a step, the epoch
+        stops there unevaluated and `interrupted` is set."""
         epoch, spec, world = self.epochs_done, self.spec, self.world
         frozen_count = policy.frozen_stage_count(self.freeze, len(self.stages.stages), epoch)
         frozen_norms = policy.apply_freeze(self.model, self.stages, frozen_count,
                                            self.freeze["batchNorm"])
-        # The same shuffle for an epoch whether or not the run was resumed before it.
+        # The same shuffle for an epoch whether or not the run was resumed before or in it.
+        self.loaders.train.sampler.set_position(epoch, self.step_in_epoch * spec["batchSize"])
+        self.loaders.train.generator.manual_seed(spec["seed"] + epoch)
         if world.launched:
-            self.loaders.train.sampler.set_epoch(epoch)
             # DDP synchronises the parameters that train when it is built: build it again
             # when gradual unfreezing changes them.
             if frozen_count != self._wrapped_frozen_count:
                 self._train_forward = distributed_model(self.model, self.run, spec["compile"])
                 self._wrapped_frozen_count = frozen_count
-        else:
-            self.loaders.train.generator.manual_seed(spec["seed"] + epoch)
-        stats = train_one_epoch(self._train_forward, self.criterion, self.optimizer,
-                                self.scheduler, self.loaders.train, self.run,
-                                frozen_norms=frozen_norms, metrics=metrics)
+        try:
+            stats = train_one_epoch(self._train_forward, self.criterion, self.optimizer,
+                                    self.scheduler, self.loaders.train, self.run,
+                                    frozen_norms=frozen_norms, metrics=metrics,
+                                    should_stop=should_stop)
+        finally:
+            self.loaders.train.sampler.set_position(epoch)  # len(loader) is a whole epoch again
+        self.optimizer_steps += stats.steps
+        if self.partial_epoch is not None:
+            stats = self.partial_epoch.plus(stats)
+        if stats.interrupted:
+            self.step_in_epoch, self.partial_epoch, self.interrupted = stats.steps, stats, True
+            return False
+        self.step_in_epoch, self.partial_epoch = 0, None
         stats = distributed.sum_epoch_stats(world, stats)
         evaluation = evaluate(self.forward, self.criterion, self.loaders.val, self.run)
         result = self.result
@@ -327,6 +403,7 @@ class FineTuneRun:
                                     if result.train_seconds else 0)
         result.stopped_early = self.stopped
         result.planned_epochs = self.epochs
+        result.optimizer_steps = self.optimizer_steps
         return result
 
 
@@ -355,20 +432,37 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
                 "resources.workers and GPUs, or set checkpoint.uri to a new location",
                 "spec.resources.workers")
         trainee.restore(loaded.state)
-        log(f"resumed from {loaded.uri}: {trainee.epochs_done} of {epochs} epochs done")
+        log(f"resumed from {loaded.uri}: {trainee.epochs_done} of {epochs} epochs and "
+            f"{trainee.step_in_epoch} steps of the next done")
     metrics.start(backbone=spec["model"]["backbone"], strategy=strategy, reason=reason,
                   planned_epochs=epochs, planned_steps=trainee.steps_per_epoch * epochs,
-                  steps_done=trainee.steps_per_epoch * trainee.epochs_done,
-                  epochs_done=trainee.epochs_done)
+                  steps_done=trainee.optimizer_steps, epochs_done=trainee.epochs_done)
+    stop_requested = stop_check(world)
+    # A fresh run has nothing to save before its first step; the Auto finalist has its race.
+    saved_at_step = trainee.optimizer_steps if loaded is not None else 0
+
+    def save_checkpoint() -> dict | None:
+        nonlocal saved_at_step
+        saved_at_step = trainee.optimizer_steps
+        if not world.is_main:
+            return None
+        entry = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
+                                 trainee.epochs_done, trainee.step_in_epoch)
+        metrics.checkpoint_saved(entry, optimizer_steps=trainee.optimizer_steps)
+        log(f"checkpoint {entry['uri']}")
+        return entry
+
     while trainee.epochs_done < epochs and not trainee.stopped:
-        stop = trainee.train_epoch(metrics=metrics, log=log)
+        if stop_requested():  # between epochs, or before the first step
+            _preempted(trainee, save_checkpoint if saved_at_step != trainee.optimizer_steps
+                       else None, world, log)
+        stop = trainee.train_epoch(metrics=metrics, log=log, should_stop=stop_requested)
+        if trainee.interrupted:
+            _preempted(trainee, save_checkpoint, world, log)
         done = trainee.epochs_done
         checkpoint_due = done % spec["checkpoint"]["everyEpochs"] == 0
-        if (checkpoint_due or done == epochs or stop) and world.is_main:
-            uri = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
-                                   done)
-            metrics.checkpoint_epoch.set(done)
-            log(f"checkpoint {uri}")
+        if checkpoint_due or done == epochs or stop:
+            save_checkpoint()
         distributed.barrier(world)
         if stop:
             log(f"early stopping: no improvement of "
@@ -376,6 +470,24 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
                 f"{trainee.early_stopping.bad_epochs} epochs; keeping epoch "
                 f"{trainee.result.best_epoch}")
     return trainee.finish()
+
+
+def stop_check(world: World):
+    """A function the training loop calls after each step: whether to stop now. With several
+    processes they agree (one all-reduce), so that every rank stops at the same step."""
+    if not world.launched:
+        return lambda: STOP.requested
+    return lambda: distributed.any_rank(world, STOP.requested)
+
+
+def _preempted(trainee: FineTuneRun, save_checkpoint, world: World, log) -> None:
+    """Checkpoint the step the run stopped at (unless nothing was trained since the last
+    checkpoint), wait until it is written, and raise Preempted."""
+    entry = save_checkpoint() if save_checkpoint is not None else None
+    distributed.barrier(world)
+    where = (f"epoch {trainee.epochs_done + 1} step {trainee.step_in_epoch}"
+             if trainee.step_in_epoch else f"the end of epoch {trainee.epochs_done}")
+    raise Preempted(where, entry)
 
 
 def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
@@ -474,6 +586,7 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
 
     loaded = checkpoints.load_latest()
     stored = loaded.state.get("race") if loaded is not None else None
+    stop_requested = stop_check(world)
     if stored is not None:
         finalist = next(c for c in candidates if c.name == stored["finalist"])
         alive, losers = [(finalist, trainee(finalist))], stored["losers"]
@@ -486,6 +599,9 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
         for rung, (rung_epochs, kept) in enumerate(plan.rungs, start=1):
             for candidate, run_ in alive:
                 while run_.epochs_done < rung_epochs and not run_.stopped:
+                    if stop_requested():
+                        # The race keeps no checkpoints: the next run races again.
+                        raise Preempted(f"race rung {rung}", None)
                     run_.train_epoch(metrics=metrics, log=log, label=f"[{candidate.name}] ")
             order = sorted(range(len(alive)), key=lambda i: -alive[i][1].result.best_val_accuracy)
             order = distributed.broadcast_value(world, order)
@@ -648,7 +764,10 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
                     "skippedImages": len(dataset.skipped),
                     "skipped": [list(item) for item in dataset.skipped[:20]]},
         "epochs": {"planned": result.planned_epochs, "completed": len(result.history)},
-        "resumedFromEpoch": result.resumed_from_epoch, "stoppedEarly": result.stopped_early,
+        "resumedFromEpoch": result.resumed_from_epoch,
+        "resumedFrom": ({"epoch": result.resumed_from_epoch, "step": result.resumed_from_step}
+                        if result.resumed_from_epoch is not None else None),
+        "optimizerSteps": result.optimizer_steps, "stoppedEarly": result.stopped_early,
         "history": result.history, "valAccuracy": result.final.accuracy,
         "bestValAccuracy": result.best_val_accuracy, "bestEpoch": result.best_epoch,
         **classification_summary(result.final.targets, result.final.predictions, dataset.classes),
