@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -249,8 +250,9 @@ class _NoCheckpoints:
     def load_latest(self):
         return None
 
-    def save(self, state, epoch: int) -> str:
-        return "(not written)"
+    def save(self, state, epoch: int, step: int = 0) -> dict:
+        return {"uri": "(not written)", "file": "", "epoch": epoch, "step": step,
+                "time": datetime.now(timezone.utc).isoformat()}
 
 
 def task_deep(task: dict) -> dict:

@@ -268,6 +268,11 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
     output = {key: result[key] for key in ("modelUri", "reportUri") if result.get(key)}
     if output:
         fields["output"] = output
+    checkpoint = result.get("checkpoint") or {}
+    if checkpoint.get("time"):  # the last one, written after the last scrape
+        fields["lastCheckpoint"] = checkpoint_status(
+            checkpoint_prefix(spec), checkpoint.get("epoch", 0), checkpoint.get("step", 0),
+            timestamp(parse_time(checkpoint["time"])))
     if result.get("strategy"):
         fields["resolvedStrategy"] = result["strategy"]
     if result.get("strategyReason"):

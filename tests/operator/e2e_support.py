@@ -4,6 +4,7 @@ leave behind, and polling. The operator itself runs as the chart's Deployment (c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,3 +114,17 @@ def events(kubectl, namespace: str, name: str) -> list[dict]:
     items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json",
                                "--field-selector", f"involvedObject.name={name}"))["items"]
     return [e for e in items if e.get("source", {}).get("component") == "finetune-operator"]
+
+
+def graceful_stop(kubectl, namespace: str, name: str, count: int = 1) -> dict:
+    """Where the trainer's graceful stop number `count` checkpointed ({epoch, step, file}),
+    from the operator's Preempted Event, which quotes the trainer's termination message."""
+    def event():
+        said = [e["message"] for e in events(kubectl, namespace, name)
+                if e["reason"] == "Preempted" and e["message"].startswith(f"preemption {count}:")]
+        return said[0] if said else None
+    message = wait_for(event, timeout=180, message=f"the Preempted event of {name}")
+    match = re.search(r"checkpoints/(epoch-(\d+)(?:-step-(\d+))?\.pt)", message)
+    assert match, message
+    return {"file": match.group(1), "epoch": int(match.group(2)),
+            "step": int(match.group(3) or 0)}

@@ -17,8 +17,8 @@ from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 
 from e2e_support import (SECRET, apply, condition, configmaps, events, finetunejob,
-                         ftj, get, objects, s3_json, s3_keys, s3_secret, status, wait_checkpoint,
-                         wait_for, wait_phase)
+                         ftj, get, graceful_stop, objects, s3_json, s3_keys, s3_secret, status,
+                         wait_checkpoint, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
 
@@ -30,6 +30,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # test many epochs of margin after the first checkpoint on any machine.
 INTERRUPTIBLE = {"epochs": 12, "resources": {"gpus": 0, "cpu": "250m"},
                  "model": {"backbone": "test_resnet", "weights": "None", "imageSize": 64}}
+# Stopped mid-epoch: batches of 4, so that an epoch of the 100 images is 25 optimizer steps.
+# backoffLimit 0: the stopped pod's exit must not count as a failure, or the job fails.
+PREEMPTIBLE = {**INTERRUPTIBLE, "epochs": 6, "batchSize": 4, "backoffLimit": 0}
 
 
 # --- tests ------------------------------------------------------------------------------
@@ -158,26 +161,47 @@ def test_missing_secret_fails_with_a_clear_reason_and_no_cross_namespace_access(
         kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
-def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(
-        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client, api_client):
+@pytest.mark.parametrize("how", ["evicted", "deleted"])
+def test_a_pod_stopped_mid_epoch_checkpoints_its_step_and_the_job_resumes_there(
+        how, kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client, api_client):
     from kubernetes import client
 
     s3_secret(kubectl, namespace, cluster_env)
-    manifest = finetunejob("evicted", namespace, datasets["fashion-mnist"], **INTERRUPTIBLE)
+    manifest = finetunejob(how, namespace, datasets["fashion-mnist"], **PREEMPTIBLE)
     apply(kubectl, manifest)
-    wait_phase(kubectl, namespace, "evicted", "Running", timeout=120)
+    wait_phase(kubectl, namespace, how, "Running", timeout=120)
     wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
     pod, = objects(kubectl, "pods", namespace)
-    # An eviction, as a node drain or preemption does it.
-    client.CoreV1Api(api_client).create_namespaced_pod_eviction(
-        pod["metadata"]["name"], namespace, client.V1Eviction(metadata=client.V1ObjectMeta(
-            name=pod["metadata"]["name"], namespace=namespace)))
-    current = wait_phase(kubectl, namespace, "evicted", "Succeeded", "Failed", timeout=420)
+    pod_name = pod["metadata"]["name"]
+    stopped_at = time.time()
+    if how == "evicted":  # as a node drain or a preemption does it
+        client.CoreV1Api(api_client).create_namespaced_pod_eviction(
+            pod_name, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(
+                name=pod_name, namespace=namespace)))
+    else:
+        kubectl("delete", "pod", pod_name, "-n", namespace, "--wait=false")
+    checkpoint = graceful_stop(kubectl, namespace, how)
+    key = manifest["spec"]["output"]["uri"].removeprefix("s3://models/") + \
+        "checkpoints/" + checkpoint["file"]
+    written = s3_client.head_object(Bucket="models", Key=key)["LastModified"].timestamp()
+    grace = 60  # spec.checkpoint.preemptionGraceSeconds' default
+    print(f"{how}: SIGTERM at epoch {checkpoint['epoch'] + 1} step {checkpoint['step']}; "
+          f"its checkpoint complete {written - stopped_at:.1f} s after the request")
+    assert written - stopped_at < grace + 1  # LastModified has whole seconds
+
+    current = wait_phase(kubectl, namespace, how, "Succeeded", "Failed", timeout=600)
     assert current["phase"] == "Succeeded", current
-    assert current["attempts"] >= 2
+    assert current["attempts"] >= 2 and current["preemptions"] >= 1
     report = s3_json(s3_client, current["output"]["reportUri"])
-    assert report["resumedFromEpoch"] >= 1
-    assert len(objects(kubectl, "jobs", namespace)) == 1
+    assert report["resumedFrom"] == {"epoch": checkpoint["epoch"], "step": checkpoint["step"]}
+    steps_per_epoch = report["dataset"]["trainImages"] // PREEMPTIBLE["batchSize"]
+    assert report["optimizerSteps"] == PREEMPTIBLE["epochs"] * steps_per_epoch
+    assert [h["epoch"] for h in report["history"]] == list(range(1, PREEMPTIBLE["epochs"] + 1))
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["status"].get("failed", 0) == 0  # the policy ignored the stop: not a failure
+    assert job["metadata"]["annotations"]["finetune.dev/last-checkpoint-time"] == \
+        current["lastCheckpoint"]["time"]
+    assert current["lastCheckpoint"]["epoch"] == PREEMPTIBLE["epochs"]
 
 
 def test_operator_restarted_mid_job_leaves_exactly_one_job_and_the_job_finishes(
@@ -224,7 +248,7 @@ def test_an_existing_job_is_adopted_and_a_foreign_one_is_refused(
 def test_suspend_deletes_pods_keeps_the_checkpoint_and_resume_continues_from_it(
         kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
     s3_secret(kubectl, namespace, cluster_env)
-    manifest = finetunejob("pausable", namespace, datasets["fashion-mnist"], **INTERRUPTIBLE)
+    manifest = finetunejob("pausable", namespace, datasets["fashion-mnist"], **PREEMPTIBLE)
     apply(kubectl, manifest)
     wait_phase(kubectl, namespace, "pausable", "Running", timeout=120)
     wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
@@ -235,12 +259,19 @@ def test_suspend_deletes_pods_keeps_the_checkpoint_and_resume_continues_from_it(
     wait_for(lambda: not objects(kubectl, "pods", namespace), timeout=60, message="pods deleted")
     job, = objects(kubectl, "jobs", namespace)
     assert job["spec"]["suspend"] is True
-    assert any(k.endswith("latest.json") for k in s3_keys(s3_client, manifest["spec"]["output"]["uri"]))
+    # The suspension took the graceful path: the trainer checkpointed the step it was at.
+    checkpoint = graceful_stop(kubectl, namespace, "pausable")
+    assert any(k.endswith(checkpoint["file"])
+               for k in s3_keys(s3_client, manifest["spec"]["output"]["uri"]))
     kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge",
             "-p", '{"spec":{"suspend":false}}')
-    current = wait_phase(kubectl, namespace, "pausable", "Succeeded", timeout=420)
-    assert s3_json(s3_client, current["output"]["reportUri"])["resumedFromEpoch"] >= 1
+    current = wait_phase(kubectl, namespace, "pausable", "Succeeded", timeout=600)
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["resumedFrom"] == {"epoch": checkpoint["epoch"], "step": checkpoint["step"]}
+    assert report["optimizerSteps"] == PREEMPTIBLE["epochs"] * (
+        report["dataset"]["trainImages"] // PREEMPTIBLE["batchSize"])
     assert condition(current, "Suspended")["status"] == "False"
+    assert current["preemptions"] == 1
 
 
 def test_spec_change_that_cannot_apply_is_reported_in_a_condition(

@@ -20,8 +20,8 @@ from finetune_operator.config import OperatorConfig
 
 from fixtures_cluster import container_processes
 
-from e2e_support import (apply, finetunejob, objects, s3_bytes, s3_json, s3_secret,
-                         wait_checkpoint, wait_for, wait_phase)
+from e2e_support import (apply, finetunejob, graceful_stop, objects, s3_bytes, s3_json,
+                         s3_secret, wait_checkpoint, wait_for, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
 
@@ -140,6 +140,35 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_checkpoint(
     assert [h["epoch"] for h in report["history"]][-1] == 12
     job, = objects(kubectl, "jobs", namespace)
     assert job["status"]["failed"] >= 2 and job["status"]["succeeded"] == 2
+
+
+def test_sigterm_to_one_worker_stops_both_at_one_step_and_the_group_resumes_there(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
+    s3_secret(kubectl, namespace, cluster_env)
+    epochs, batch = 4, 2  # 50 images per rank: 25 steps an epoch
+    manifest = finetunejob("graceful", namespace, datasets["fashion-mnist"], **{
+        **TINY, "model": {**TINY["model"], "imageSize": 64}}, epochs=epochs, batchSize=batch,
+        # backoffLimit 0: a rank that crashed instead of stopping with the others fails the job.
+        backoffLimit=0, resources={"gpus": 0, "workers": 2, "cpu": "250m"})
+    apply(kubectl, manifest)
+    wait_phase(kubectl, namespace, "graceful", "Running", timeout=180)
+    wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"], timeout=300)
+    job_name = builders.trainer_job_name("graceful")
+    worker_pod, = [p for p in objects(kubectl, "pods", namespace)
+                   if p["metadata"]["name"].startswith(f"{job_name}-1-")]
+    # Only the index-1 pod gets SIGTERM; rank 0 in the other pod learns it at the next step.
+    kubectl("delete", "pod", worker_pod["metadata"]["name"], "-n", namespace, "--wait=false")
+    checkpoint = graceful_stop(kubectl, namespace, "graceful")
+
+    current = wait_phase(kubectl, namespace, "graceful", "Succeeded", "Failed", timeout=600)
+    assert current["phase"] == "Succeeded", current
+    assert current["preemptions"] == 1 and current["attempts"] == 2
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["resumedFrom"] == {"epoch": checkpoint["epoch"], "step": checkpoint["step"]}
+    assert report["optimizerSteps"] == epochs * (report["dataset"]["trainImages"] // 2 // batch)
+    job, = objects(kubectl, "jobs", namespace)
+    # Both first pods exited with the graceful code: the pod failure policy ignored both.
+    assert job["status"].get("failed", 0) == 0 and job["status"]["succeeded"] == 2
 
 
 def test_a_group_that_cannot_all_start_fails_instead_of_holding_its_gpus(

@@ -82,9 +82,14 @@ def test_success_reports_accuracy_outputs_and_strategy_from_the_termination_mess
     message = contract.termination_message(
         valAccuracy=0.91, bestValAccuracy=0.93, strategy="FineTune",
         strategyReason="enough images per class", modelUri="s3://models/flowers/model.safetensors",
-        reportUri="s3://models/flowers/report.json", epochs=10)
+        reportUri="s3://models/flowers/report.json", epochs=10,
+        checkpoint={"uri": "s3://models/flowers/checkpoints/epoch-0010.pt", "epoch": 10,
+                    "step": 0, "time": "2026-11-28T10:08:55.5+00:00"})
     update = completed_with(message)
     patch = update.patch
+    # The final checkpoint, written after the operator's last reading of the trainer's metrics.
+    assert patch["lastCheckpoint"] == {"uri": "s3://models/flowers/checkpoints/", "epoch": 10,
+                                       "step": 0, "time": "2026-11-28T10:08:55Z"}
     assert patch["phase"] == "Succeeded"
     assert patch["metrics"] == {"valAccuracy": 0.91, "bestValAccuracy": 0.93}
     assert patch["output"] == {"modelUri": "s3://models/flowers/model.safetensors",

@@ -67,7 +67,7 @@ def test_a_run_stopped_mid_epoch_resumes_at_that_step_and_ends_with_the_same_wei
     with pytest.raises(Preempted) as stopped:
         train.main(job(shapes, out), cache_dir=tmp_path / "c2", log=quiet, metrics=StopAfter(8))
     assert stopped.value.exit_code == ExitCode.PREEMPTED
-    assert stopped.value.where == "epoch 2 step 2"
+    assert stopped.value.where == "epoch 2 step 2" and stopped.value.fresh
     assert stopped.value.checkpoint["file"] == "epoch-0001-step-00002.pt"
     assert not (out / "report.json").exists()
     pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
@@ -78,6 +78,7 @@ def test_a_run_stopped_mid_epoch_resumes_at_that_step_and_ends_with_the_same_wei
     resumed = train.main(job(shapes, out), cache_dir=tmp_path / "c2", log=messages.append)
     assert any("1 of 3 epochs and 2 steps of the next done" in m for m in messages)
     assert resumed["resumedFrom"] == {"epoch": 1, "step": 2}
+    assert resumed["lastCheckpoint"]["uri"].endswith("epoch-0003.pt")
     assert resumed["optimizerSteps"] == straight["optimizerSteps"] == EPOCHS * 6
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for mine, theirs in zip(resumed["history"], straight["history"]):
@@ -93,8 +94,22 @@ def test_a_stop_before_any_new_step_writes_no_checkpoint_and_resumes_where_it_wa
     STOP.request("SIGTERM")  # e.g. while the dataset was downloading
     with pytest.raises(Preempted) as stopped:
         train.main(job(shapes, out), cache_dir=tmp_path / "cache", log=quiet)
-    assert stopped.value.checkpoint is None
+    assert stopped.value.checkpoint is None and not stopped.value.fresh
+    assert "no checkpoint yet" in stopped.value.message
     assert not (out / "checkpoints").exists()
+
+
+def test_a_stop_on_an_epochs_last_step_names_that_epochs_checkpoint_and_writes_no_other(tmp_path):
+    shapes = write_three_classes(tmp_path / "shapes")
+    out = tmp_path / "out"
+    with pytest.raises(Preempted) as stopped:
+        train.main(job(shapes, out), cache_dir=tmp_path / "cache", log=quiet,
+                   metrics=StopAfter(6))  # the epoch ends, is evaluated and checkpointed
+    assert stopped.value.where == "the end of epoch 1" and not stopped.value.fresh
+    assert stopped.value.checkpoint["file"] == "epoch-0001.pt"
+    assert "nothing trained since checkpoint" in stopped.value.message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.pt",
+                                                                       "latest.json"]
 
 
 @pytest.mark.s3

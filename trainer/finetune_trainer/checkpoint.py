@@ -85,6 +85,7 @@ class LoadedCheckpoint:
     uri: str
     epoch: int
     step: int = 0
+    entry: dict | None = None  # its entry in latest.json (time, sha256, bytes)
 
 
 class Checkpoints:
@@ -155,5 +156,5 @@ class Checkpoints:
                     self.log(f"checkpoint {uri} does not load ({error}); trying the previous one")
                     continue
             return LoadedCheckpoint(state=state, uri=uri, epoch=entry["epoch"],
-                                    step=entry.get("step", 0))
+                                    step=entry.get("step", 0), entry={**entry, "uri": uri})
         return None

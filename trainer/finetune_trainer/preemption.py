@@ -58,13 +58,18 @@ STOP = StopRequest()
 
 
 class Preempted(TrainerError):
-    """Raised once the checkpoint of the step the run stopped at is written (`checkpoint`: its
-    pointer entry), or when nothing was trained since the last one (None)."""
+    """Raised once the run has stopped: `checkpoint` is the pointer entry of the checkpoint the
+    next run resumes from (None: there is none), `fresh` whether it was written for this stop
+    (False: nothing was trained since it)."""
 
-    def __init__(self, where: str, checkpoint: dict | None):
-        saved = (f"checkpoint {checkpoint['uri']}" if checkpoint else
-                 "no new checkpoint (nothing trained since the last one)")
+    def __init__(self, where: str, checkpoint: dict | None, *, fresh: bool):
+        if checkpoint is None:
+            saved = "no checkpoint yet: the next run starts over"
+        elif fresh:
+            saved = f"checkpoint {checkpoint['uri']} written"
+        else:
+            saved = f"nothing trained since checkpoint {checkpoint['uri']}"
         super().__init__(ExitCode.PREEMPTED,
                          f"stopped on {STOP.signal_name or 'request'} at {where}; {saved}; "
-                         "the next run resumes from the latest checkpoint")
-        self.where, self.checkpoint = where, checkpoint
+                         "the next run resumes there")
+        self.where, self.checkpoint, self.fresh = where, checkpoint, fresh

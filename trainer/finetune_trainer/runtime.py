@@ -83,6 +83,7 @@ def run_job(manifest: dict, *, termination_log: str | None, metrics: TrainerMetr
             strategyReason=report["strategyReason"], modelUri=report["outputs"]["modelUri"],
             reportUri=report["outputs"]["reportUri"], epochs=report["epochs"]["completed"],
             plannedEpochs=report["epochs"]["planned"], resumedFromEpoch=report["resumedFromEpoch"],
+            checkpoint=report.get("lastCheckpoint"),
             leaderboard=race.top(report["leaderboard"]) if "leaderboard" in report else None))
         return ExitCode.SUCCEEDED
     return report_failure(problem, termination_log)

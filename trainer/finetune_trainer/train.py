@@ -219,6 +219,7 @@ class TrainingResult:
     resumed_from_epoch: int | None = None
     resumed_from_step: int = 0  # optimizer steps into that epoch (a graceful mid-epoch stop)
     optimizer_steps: int = 0
+    last_checkpoint: dict | None = None  # the pointer entry of the run's latest checkpoint
     stopped_early: bool = False
     train_seconds: float = 0.0
     images_per_second: float = 0.0
@@ -440,25 +441,36 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
     stop_requested = stop_check(world)
     # A fresh run has nothing to save before its first step; the Auto finalist has its race.
     saved_at_step = trainee.optimizer_steps if loaded is not None else 0
+    latest = loaded.entry if loaded is not None else None
 
-    def save_checkpoint() -> dict | None:
-        nonlocal saved_at_step
+    def save_checkpoint() -> None:
+        nonlocal saved_at_step, latest
         saved_at_step = trainee.optimizer_steps
         if not world.is_main:
-            return None
-        entry = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
-                                 trainee.epochs_done, trainee.step_in_epoch)
-        metrics.checkpoint_saved(entry, optimizer_steps=trainee.optimizer_steps)
-        log(f"checkpoint {entry['uri']}")
-        return entry
+            return
+        latest = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
+                                  trainee.epochs_done, trainee.step_in_epoch)
+        metrics.checkpoint_saved(latest, optimizer_steps=trainee.optimizer_steps)
+        log(f"checkpoint {latest['uri']}")
+
+    def preempted() -> None:
+        """Checkpoint the step the run stopped at (unless nothing was trained since the last
+        checkpoint), wait until it is written, and raise Preempted naming the checkpoint the
+        next run resumes from."""
+        fresh = saved_at_step != trainee.optimizer_steps
+        if fresh:
+            save_checkpoint()
+        distributed.barrier(world)
+        where = (f"epoch {trainee.epochs_done + 1} step {trainee.step_in_epoch}"
+                 if trainee.step_in_epoch else f"the end of epoch {trainee.epochs_done}")
+        raise Preempted(where, latest, fresh=fresh)
 
     while trainee.epochs_done < epochs and not trainee.stopped:
         if stop_requested():  # between epochs, or before the first step
-            _preempted(trainee, save_checkpoint if saved_at_step != trainee.optimizer_steps
-                       else None, world, log)
+            preempted()
         stop = trainee.train_epoch(metrics=metrics, log=log, should_stop=stop_requested)
         if trainee.interrupted:
-            _preempted(trainee, save_checkpoint, world, log)
+            preempted()
         done = trainee.epochs_done
         checkpoint_due = done % spec["checkpoint"]["everyEpochs"] == 0
         if checkpoint_due or done == epochs or stop:
@@ -469,7 +481,9 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
                 f"{trainee.early_stopping.settings['metric']} for "
                 f"{trainee.early_stopping.bad_epochs} epochs; keeping epoch "
                 f"{trainee.result.best_epoch}")
-    return trainee.finish()
+    result = trainee.finish()
+    result.last_checkpoint = latest
+    return result
 
 
 def stop_check(world: World):
@@ -478,16 +492,6 @@ def stop_check(world: World):
     if not world.launched:
         return lambda: STOP.requested
     return lambda: distributed.any_rank(world, STOP.requested)
-
-
-def _preempted(trainee: FineTuneRun, save_checkpoint, world: World, log) -> None:
-    """Checkpoint the step the run stopped at (unless nothing was trained since the last
-    checkpoint), wait until it is written, and raise Preempted."""
-    entry = save_checkpoint() if save_checkpoint is not None else None
-    distributed.barrier(world)
-    where = (f"epoch {trainee.epochs_done + 1} step {trainee.step_in_epoch}"
-             if trainee.step_in_epoch else f"the end of epoch {trainee.epochs_done}")
-    raise Preempted(where, entry)
 
 
 def linear_probe(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *,
@@ -601,7 +605,7 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
                 while run_.epochs_done < rung_epochs and not run_.stopped:
                     if stop_requested():
                         # The race keeps no checkpoints: the next run races again.
-                        raise Preempted(f"race rung {rung}", None)
+                        raise Preempted(f"race rung {rung}", None, fresh=False)
                     run_.train_epoch(metrics=metrics, log=log, label=f"[{candidate.name}] ")
             order = sorted(range(len(alive)), key=lambda i: -alive[i][1].result.best_val_accuracy)
             order = distributed.broadcast_value(world, order)
@@ -768,6 +772,9 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         "resumedFrom": ({"epoch": result.resumed_from_epoch, "step": result.resumed_from_step}
                         if result.resumed_from_epoch is not None else None),
         "optimizerSteps": result.optimizer_steps, "stoppedEarly": result.stopped_early,
+        "lastCheckpoint": ({key: result.last_checkpoint[key]
+                            for key in ("uri", "epoch", "step", "time")}
+                           if result.last_checkpoint else None),
         "history": result.history, "valAccuracy": result.final.accuracy,
         "bestValAccuracy": result.best_val_accuracy, "bestEpoch": result.best_epoch,
         **classification_summary(result.final.targets, result.final.predictions, dataset.classes),
