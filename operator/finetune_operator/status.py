@@ -312,7 +312,8 @@ def preemption_fields(spec: dict[str, Any], status: dict[str, Any],
     if count <= known:
         return {}, []
     fields: dict[str, Any] = {"preemptions": count}
-    said = preempted[-1]
+    # The pods of a group stop together; the newest message that names a checkpoint says where.
+    said = next((m for m in reversed(preempted) if m.get("checkpoint")), preempted[-1])
     stopped_at = said.get("checkpoint") or {}
     if stopped_at.get("time"):
         checkpoint = checkpoint_status(checkpoint_prefix(spec), stopped_at["epoch"],

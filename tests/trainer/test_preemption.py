@@ -162,3 +162,34 @@ def test_sigterm_to_the_pod_process_checkpoints_exits_11_and_the_next_run_resume
     assert second.returncode == ExitCode.PREEMPTED, (seen + output)[-3000:]
     assert f"resumed from {stopped_at['uri']}: {stopped_at['epoch']} of 200 epochs and " \
            f"{stopped_at['step']} steps of the next done" in seen
+
+
+def test_sigterm_to_a_pod_of_two_processes_stops_both_ranks_at_one_step(tmp_path):
+    """torchrun (in the pod's PID 1) passes SIGTERM on to its ranks; they agree on the step,
+    rank 0 checkpoints it, and the pod exits 11 with a message naming that checkpoint."""
+    shapes = write_three_classes(tmp_path / "shapes", train_per_class=12)
+    out = tmp_path / "out"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(manifest(
+        str(shapes), str(out), name="pair", epochs=200, batchSize=2, baseline={"enabled": False},
+        model={"backbone": "test_efficientnet_gn", "weights": "None", "imageSize": 32})))
+    termination_log = tmp_path / "termination-log"
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(termination_log),
+           "FINETUNE_METRICS_PORT": "0", "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "FINETUNE_PROCESSES_PER_POD": "2", "OMP_NUM_THREADS": "1"}
+    pod = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--spec", str(spec)],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pointer = out / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while pod.poll() is None and time.monotonic() < deadline and not pointer.exists():
+        time.sleep(0.05)
+    pod.send_signal(signal.SIGTERM)
+    output, _ = pod.communicate(timeout=120)
+    assert pod.returncode == ExitCode.PREEMPTED, output[-3000:]
+    message = parse_termination_message(termination_log.read_text())
+    assert message["reason"] == "Preempted"
+    newest = json.loads(pointer.read_text())["checkpoints"][0]
+    assert (message["checkpoint"]["epoch"], message["checkpoint"]["step"]) == \
+        (newest["epoch"], newest["step"])
+    state = torch.load(out / "checkpoints" / newest["file"], weights_only=True)
+    assert state["worldSize"] == 2 and state["stepInEpoch"] == newest["step"]

@@ -66,10 +66,10 @@ class Preempted(TrainerError):
         if checkpoint is None:
             saved = "no checkpoint yet: the next run starts over"
         elif fresh:
-            saved = f"checkpoint {checkpoint['uri']} written"
+            saved = f"checkpoint {checkpoint['uri']} written; the next run resumes there"
         else:
-            saved = f"nothing trained since checkpoint {checkpoint['uri']}"
+            saved = (f"nothing trained since checkpoint {checkpoint['uri']}; the next run "
+                     "resumes there")
         super().__init__(ExitCode.PREEMPTED,
-                         f"stopped on {STOP.signal_name or 'request'} at {where}; {saved}; "
-                         "the next run resumes there")
+                         f"stopped on {STOP.signal_name or 'request'} at {where}; {saved}")
         self.where, self.checkpoint, self.fresh = where, checkpoint, fresh

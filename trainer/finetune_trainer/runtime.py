@@ -129,7 +129,7 @@ def pod_main(argv: list[str] | None = None) -> int:
                 return distributed.launch(arguments)
             except TrainerError as error:
                 return report_failure(error, termination_log)
-    if not world.is_main:
+    if world.local_rank != 0:  # one message per pod, from its first process
         termination_log = None
     # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
     # Each process of a pod serves on its own port: the configured one plus its local rank.

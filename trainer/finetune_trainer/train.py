@@ -460,10 +460,12 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
         fresh = saved_at_step != trainee.optimizer_steps
         if fresh:
             save_checkpoint()
-        distributed.barrier(world)
+        # Every rank names rank 0's checkpoint: each pod's termination message says where the
+        # group resumes.
+        stopped_at = distributed.broadcast_value(world, latest)
         where = (f"epoch {trainee.epochs_done + 1} step {trainee.step_in_epoch}"
                  if trainee.step_in_epoch else f"the end of epoch {trainee.epochs_done}")
-        raise Preempted(where, latest, fresh=fresh)
+        raise Preempted(where, stopped_at, fresh=fresh)
 
     while trainee.epochs_done < epochs and not trainee.stopped:
         if stop_requested():  # between epochs, or before the first step
