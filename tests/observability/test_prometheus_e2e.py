@@ -12,6 +12,7 @@ needs; the final values are asserted on the job that ends by itself, through the
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -80,6 +81,16 @@ def test_live_series_and_operator_gauge_in_prometheus(kubectl, namespace, scrape
     epoch = wait_for(lambda: status(kubectl, namespace, name).get("progress", {}).get("epoch"),
                      timeout=120, interval=1, message="progress in status")
     assert epoch >= 1
+    # What FineTuneJobCheckpointStale reads: when the latest checkpoint was complete, the same
+    # time status.lastCheckpoint shows (to the second).
+    checkpointed = wait_for(lambda: prometheus_query(
+        f'{contract.METRIC_CHECKPOINT_TIME}{{job="trainers", {job}}} > 0'), timeout=120,
+        interval=1, message="the trainer's checkpoint time in Prometheus")
+    written = float(checkpointed[0]["value"][1])
+    assert abs(written - time.time()) < 600
+    recorded = wait_for(lambda: status(kubectl, namespace, name).get("lastCheckpoint"),
+                        timeout=60, interval=1, message="lastCheckpoint in status")
+    assert recorded["uri"].endswith("/checkpoints/") and recorded["time"].endswith("Z")
 
     kubectl("delete", "finetunejob", name, "-n", namespace, "--timeout=60s")
     wait_value(prometheus_query, f'finetune_operator_jobs{{{operator}, phase="Running"}}',

@@ -53,6 +53,7 @@ def test_example_succeeds_with_accuracy_in_kubectl_and_the_model_in_s3(
     row = kubectl("get", "ftj", "fashion-mnist", "-n", namespace, "--no-headers").split()
     assert row[1] == "Succeeded" and row[2] == "resnet18" and row[3] == "FineTune"
     assert row[4] == "2/2" and 0.0 <= float(row[5]) <= 1.0
+    assert row[6][-1] in "smhd" and row[6][:-1].isdigit()  # CHECKPOINTED: the final one's age
     model_uri = current["output"]["modelUri"]
     assert model_uri.startswith("s3://models/fashion-mnist/")
     assert model_uri.removeprefix("s3://models/") in s3_keys(s3_client, "s3://models/fashion-mnist/")
