@@ -113,7 +113,9 @@ METRIC_IMAGES_PER_SECOND = "finetune_images_per_second"
 METRIC_DATA_WAIT = "finetune_data_wait_seconds_total"
 METRIC_ETA = "finetune_eta_seconds"
 METRIC_CHECKPOINT_EPOCH = "finetune_checkpoint_epoch"
-METRIC_CHECKPOINT_STEP = "finetune_checkpoint_step"  # optimizer steps in the latest checkpoint
+# Optimizer steps into the epoch after finetune_checkpoint_epoch the latest checkpoint holds (a
+# graceful stop mid-epoch; 0 at an epoch's end).
+METRIC_CHECKPOINT_STEP = "finetune_checkpoint_step"
 METRIC_CHECKPOINT_TIME = "finetune_last_checkpoint_timestamp_seconds"  # when it was complete
 METRIC_GPU_MEMORY = "finetune_gpu_memory_bytes"
 METRIC_GPU_UTILIZATION = "finetune_gpu_utilization_ratio"

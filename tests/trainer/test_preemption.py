@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from finetune_api import contract
 from finetune_api.contract import ExitCode, parse_termination_message
 from finetune_trainer import train
 from finetune_trainer.metrics import TrainerMetrics
@@ -64,8 +65,14 @@ def test_a_run_stopped_mid_epoch_resumes_at_that_step_and_ends_with_the_same_wei
     straight = train.main(job(shapes, tmp_path / "straight"), cache_dir=tmp_path / "c1", log=quiet)
 
     out = tmp_path / "stopped"
+    metrics = StopAfter(8)
     with pytest.raises(Preempted) as stopped:
-        train.main(job(shapes, out), cache_dir=tmp_path / "c2", log=quiet, metrics=StopAfter(8))
+        train.main(job(shapes, out), cache_dir=tmp_path / "c2", log=quiet, metrics=metrics)
+    # What the operator reads for status.lastCheckpoint and Prometheus for its alert.
+    sample = metrics.registry.get_sample_value
+    assert (sample(contract.METRIC_CHECKPOINT_EPOCH), sample(contract.METRIC_CHECKPOINT_STEP)) \
+        == (1, 2)
+    assert abs(sample(contract.METRIC_CHECKPOINT_TIME) - time.time()) < 120
     assert stopped.value.exit_code == ExitCode.PREEMPTED
     assert stopped.value.where == "epoch 2 step 2" and stopped.value.fresh
     assert stopped.value.checkpoint["file"] == "epoch-0001-step-00002.pt"

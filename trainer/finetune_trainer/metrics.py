@@ -60,8 +60,8 @@ class TrainerMetrics:
         self.eta = Gauge(contract.METRIC_ETA, "Estimated seconds until training ends.", registry=r)
         self.checkpoint_epoch = Gauge(contract.METRIC_CHECKPOINT_EPOCH, "Epochs in the latest "
                                       "checkpoint.", registry=r)
-        self.checkpoint_step = Gauge(contract.METRIC_CHECKPOINT_STEP, "Optimizer steps in the "
-                                     "latest checkpoint.", registry=r)
+        self.checkpoint_step = Gauge(contract.METRIC_CHECKPOINT_STEP, "Optimizer steps into the "
+                                     "next epoch in the latest checkpoint.", registry=r)
         self.checkpoint_time = Gauge(contract.METRIC_CHECKPOINT_TIME, "When the latest "
                                      "checkpoint was complete (Unix time).", registry=r)
         self.gpu_memory = Gauge(contract.METRIC_GPU_MEMORY, "Peak GPU memory allocated by the "
@@ -107,10 +107,10 @@ class TrainerMetrics:
         self.best_val_accuracy.set(best_val_accuracy)
         self.images_per_second.set(images_per_second)
 
-    def checkpoint_saved(self, entry: dict, *, optimizer_steps: int) -> None:
+    def checkpoint_saved(self, entry: dict) -> None:
         """`entry`: checkpoint.Checkpoints.save's pointer entry."""
         self.checkpoint_epoch.set(entry["epoch"])
-        self.checkpoint_step.set(optimizer_steps)
+        self.checkpoint_step.set(entry.get("step", 0))
         self.checkpoint_time.set(datetime.fromisoformat(entry["time"]).timestamp())
 
     def finished(self) -> None:

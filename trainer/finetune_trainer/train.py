@@ -450,7 +450,7 @@ def fine_tune(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, st
             return
         latest = checkpoints.save({**trainee.state(), "classes": classes, **(extra_state or {})},
                                   trainee.epochs_done, trainee.step_in_epoch)
-        metrics.checkpoint_saved(latest, optimizer_steps=trainee.optimizer_steps)
+        metrics.checkpoint_saved(latest)
         log(f"checkpoint {latest['uri']}")
 
     def preempted() -> None:
