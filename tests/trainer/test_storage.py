@@ -203,6 +203,12 @@ def test_local_store(tmp_path):
     ("InternalError", 500, ExitCode.TRANSIENT),
     ("AccessDenied", 403, ExitCode.ACCESS_DENIED),
     ("SignatureDoesNotMatch", 403, ExitCode.ACCESS_DENIED),
+    ("InvalidToken", 400, ExitCode.ACCESS_DENIED),
+    # A drifted node clock and expired short-lived credentials come as 403 (or 400) but a retry,
+    # on another node or with credentials fetched anew, fixes them.
+    ("RequestTimeTooSkewed", 403, ExitCode.TRANSIENT),
+    ("ExpiredToken", 400, ExitCode.TRANSIENT),
+    ("ExpiredToken", 403, ExitCode.TRANSIENT),
     ("NoSuchBucket", 404, ExitCode.ACCESS_DENIED),
     ("NoSuchKey", 404, ExitCode.INVALID_DATA),
     ("InvalidArgument", 400, ExitCode.FAILED),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +70,25 @@ def restore_rng_state(state: Mapping) -> None:
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
     return f"epoch-{epoch:04d}.pt" if not step else f"epoch-{epoch:04d}-step-{step:05d}.pt"
+
+
+def torch_load_problem(error: Exception) -> str:
+    """One line saying why torch.load(..., weights_only=True) failed. torch's refusal of a pickle
+    that names a Python object to call (os.system in a __reduce__, a whole pickled nn.Module)
+    is several paragraphs; what matters is that nothing of it ran, and which object it named."""
+    text = str(error)
+    # "Unsupported global: GLOBAL builtins.exec was not an allowed global", or "Trying to load
+    # unsupported GLOBAL posix.system whose module posix is blocked".
+    named = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    if named:
+        return (f"refused without unpickling it: it names the Python object {named.group(1)}, "
+                "not only tensors and plain data, and loading that could run code")
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    detail = " ".join(detail.split("Check the documentation of torch.load", 1)[0].split())
+    if text.startswith("Weights only load failed"):
+        return ("refused without unpickling it: not a file torch.load reads as tensors and plain "
+                f"data only ({detail[:200]})")
+    return detail[:300] or type(error).__name__
 
 
 def _sha256(path: Path) -> str:
@@ -151,9 +171,11 @@ class Checkpoints:
                              "one")
                     continue
                 try:
+                    # weights_only: a checkpoint file is as untrusted as the bucket it is in.
                     state = torch.load(path, map_location="cpu", weights_only=True)
                 except Exception as error:  # noqa: BLE001
-                    self.log(f"checkpoint {uri} does not load ({error}); trying the previous one")
+                    self.log(f"checkpoint {uri} does not load ({torch_load_problem(error)}); "
+                             "trying the previous one")
                     continue
             return LoadedCheckpoint(state=state, uri=uri, epoch=entry["epoch"],
                                     step=entry.get("step", 0), entry={**entry, "uri": uri})

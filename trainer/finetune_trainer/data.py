@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import random
+import re
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,15 @@ MANIFEST_FIELD = "spec.dataset.manifest"
 _MANIFEST_HEADER_KEYS = {"key", "path", "file", "filename", "image", "uri"}
 _EXAMPLES_SHOWN = 5
 _UNREADABLE = "unreadable"  # prefix of the reasons that count towards maxCorruptFraction
+# Decompression bombs: an image whose header promises more pixels than
+# max(MIN_IMAGE_PIXEL_LIMIT, IMAGE_PIXEL_LIMIT_PER_INPUT_PIXEL * imageSize^2) is skipped as
+# unreadable before any of it is decoded. Training resizes every image to imageSize, so a side 8
+# times longer is already generous; the 50-megapixel floor keeps a high-end camera's photos. The
+# limit stays under PIL's own warning threshold (Image.MAX_IMAGE_PIXELS, 89 Mpx) whatever
+# imageSize (at most 1024) is, so it is this limit that decides, not PIL's global default.
+MIN_IMAGE_PIXEL_LIMIT = 50_000_000
+IMAGE_PIXEL_LIMIT_PER_INPUT_PIXEL = 64
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass
@@ -81,9 +91,16 @@ def is_image_key(key: str) -> bool:
     return key.lower().endswith(IMAGE_EXTENSIONS) and not key.rsplit("/", 1)[-1].startswith(".")
 
 
+def image_pixel_limit(image_size: int | None) -> int:
+    """The most pixels an image may have for a job whose input is image_size x image_size."""
+    return max(MIN_IMAGE_PIXEL_LIMIT, IMAGE_PIXEL_LIMIT_PER_INPUT_PIXEL * (image_size or 0) ** 2)
+
+
 def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
-                    store: ObjectStore | None = None, max_workers: int = 16) -> PreparedDataset:
-    """Find, fetch, check and split the dataset that spec.dataset describes."""
+                    store: ObjectStore | None = None, max_workers: int = 16,
+                    image_size: int | None = None) -> PreparedDataset:
+    """Find, fetch, check and split the dataset that spec.dataset describes. `image_size`
+    (spec.model.imageSize as resolved) sets the largest image accepted; without it the floor."""
     spec = apply_defaults(dataset_spec, dataset_schema())
     store = store or open_store(spec.get("s3"))
     uri = spec["uri"]
@@ -101,7 +118,8 @@ def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
     _check_counts(candidates, classes, spec["minImagesPerClass"], has_val_split,
                   after_checks=False)
 
-    local_paths, transfer = _fetch_and_verify(candidates, store, uri, cache_dir, max_workers)
+    local_paths, transfer = _fetch_and_verify(candidates, store, uri, cache_dir, max_workers,
+                                              image_pixel_limit(image_size))
     readable = []
     corrupt = missing
     for candidate, (path, problem) in zip(candidates, local_paths):
@@ -162,6 +180,10 @@ def _image_folder_candidates(uri: str, objects: list[ObjectInfo],
         parts = info.key.split("/")
         if len(parts) < 3 or parts[0] not in ("train", "val"):
             continue  # README, manifests, anything outside train/<class>/ and val/<class>/
+        if problem := path_escape(info.key):
+            raise TrainerError(ExitCode.INVALID_DATA,
+                               f"refusing object key {info.key!r} ({info.uri}): {problem}, which "
+                               f"reaches outside the dataset prefix {uri}", URI_FIELD)
         if not is_image_key(info.key):
             skipped.append((info.uri, "not an image file (by extension)"))
             continue
@@ -198,13 +220,18 @@ def _manifest_candidates(spec: dict, store: ObjectStore, objects: list[ObjectInf
                 ExitCode.INVALID_DATA,
                 f"manifest {manifest_uri} line {line_number}: expected 2 columns key,label, "
                 f"got {len(row)}: {','.join(row)[:200]}", MANIFEST_FIELD)
-        key, label = row[0].strip().lstrip("/"), row[1].strip()
+        key, label = row[0].strip(), row[1].strip()
         if line_number == 1 and key.lower() in _MANIFEST_HEADER_KEYS:
             continue
         if not key or not label:
             raise TrainerError(ExitCode.INVALID_DATA,
                                f"manifest {manifest_uri} line {line_number}: empty key or label",
                                MANIFEST_FIELD)
+        if problem := path_escape(key):
+            raise TrainerError(ExitCode.INVALID_DATA,
+                               f"manifest {manifest_uri} line {line_number}: refusing key "
+                               f"{key!r}: {problem}, which reaches outside the dataset {uri} "
+                               "(keys are relative to it)", MANIFEST_FIELD)
         info = by_key.get(key)
         if info is None:
             skipped.append((join_uri(uri, key), f"{_UNREADABLE}: listed in the manifest (line "
@@ -218,6 +245,15 @@ def _manifest_candidates(spec: dict, store: ObjectStore, objects: list[ObjectInf
         raise TrainerError(ExitCode.INVALID_DATA, f"manifest {manifest_uri} lists no images",
                            MANIFEST_FIELD)
     return candidates, missing
+
+
+def path_escape(key: str) -> str | None:
+    """How `key`, joined to a directory or prefix, would name something outside it, or None."""
+    if key.startswith("/") or _URI_SCHEME.match(key):
+        return "it is an absolute path or a URI"
+    if ".." in key.split("/"):
+        return "it has a '..' segment"
+    return None
 
 
 def _label_order(name: str) -> tuple:
@@ -282,7 +318,7 @@ def cache_namespace(store: ObjectStore, uri: str) -> str:
 
 
 def _fetch_and_verify(candidates: list[_Candidate], store: ObjectStore, uri: str,
-                      cache_dir: Path, max_workers: int
+                      cache_dir: Path, max_workers: int, max_pixels: int
                       ) -> tuple[list[tuple[Path | None, str | None]], dict[str, int]]:
     """For each candidate: (local path, None) or (None, why it is unusable). S3 objects are
     downloaded into `cache_dir` unless the cached copy has the same ETag; local files are
@@ -294,6 +330,17 @@ def _fetch_and_verify(candidates: list[_Candidate], store: ObjectStore, uri: str
         with transfer_lock:
             transfer.update(amounts)
     namespace_dir = Path(cache_dir) / cache_namespace(store, uri) if is_s3_uri(uri) else None
+    if namespace_dir is not None:
+        # The whole key names the cache file, so the prefix in spec.dataset.uri must not climb
+        # out of the cache either (into another bucket's or another job's files).
+        for candidate in candidates:
+            object_key = candidate.info.uri[len("s3://"):].split("/", 1)[1]
+            if problem := path_escape(object_key):
+                raise TrainerError(ExitCode.INVALID_DATA,
+                                   f"refusing object key {object_key!r} ({candidate.info.uri}): "
+                                   f"{problem}, which reaches outside the cache directory "
+                                   f"{namespace_dir}",
+                                   URI_FIELD)
 
     def fetch(candidate: _Candidate) -> tuple[Path | None, str | None]:
         info = candidate.info
@@ -317,7 +364,7 @@ def _fetch_and_verify(candidates: list[_Candidate], store: ObjectStore, uri: str
                 tmp = etag_path.with_name(f".tmp-{etag_path.name}")
                 tmp.write_text(info.etag)
                 tmp.replace(etag_path)
-        problem = image_problem(path)
+        problem = image_problem(path, max_pixels=max_pixels)
         return (None, f"{_UNREADABLE}: {problem}") if problem else (path, None)
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
@@ -325,13 +372,20 @@ def _fetch_and_verify(candidates: list[_Candidate], store: ObjectStore, uri: str
     return results, transfer
 
 
-def image_problem(path: Path) -> str | None:
-    """Why PIL cannot use this image, or None. `verify` checks the structure (PNG CRCs) and a
-    full decode catches truncated data, which `verify` misses for JPEG."""
+def image_problem(path: Path, *, max_pixels: int = MIN_IMAGE_PIXEL_LIMIT) -> str | None:
+    """Why PIL cannot use this image, or None. The size comes from the header (Image.open is
+    lazy), so an image over `max_pixels` is refused before a byte of it is decoded (one over
+    twice PIL's global Image.MAX_IMAGE_PIXELS already fails in Image.open, with PIL's
+    DecompressionBombError, also before decoding). `verify` checks the structure (PNG CRCs) and
+    a full decode catches truncated data, which `verify` misses for JPEG."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return (f"decompression bomb? its header says {width}x{height} = "
+                        f"{width * height} pixels, over the limit of {max_pixels}; not decoded")
             image.verify()
         with Image.open(path) as image:
             image.load()

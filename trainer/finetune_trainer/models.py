@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from finetune_api.contract import ExitCode
+from finetune_trainer.checkpoint import torch_load_problem
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.storage import ObjectNotFound, open_store
 
@@ -131,10 +132,13 @@ def read_state_dict(weights: str, store=None) -> dict[str, torch.Tensor]:
             import safetensors.torch
             loaded = safetensors.torch.load(data)
         else:
+            # weights_only: unpickle tensors and plain containers only, so a file whose pickle
+            # would call code (os.system in a __reduce__) is refused before any of it runs.
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
         raise TrainerError(ExitCode.INVALID_MODEL, f"{weights} is not a readable state dict or "
-                           f"checkpoint: {error}".replace("\n", " ")[:400], WEIGHTS_FIELD) from error
+                           f"checkpoint: {torch_load_problem(error)}"[:400],
+                           WEIGHTS_FIELD) from error
     return _unwrap_state_dict(loaded, weights)
 
 

@@ -28,11 +28,14 @@ MULTIPART_CHUNK_BYTES = 64 * 1024 * 1024
 _READ_CHUNK_BYTES = 1024 * 1024
 
 _ACCESS_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                        "InvalidToken", "ExpiredToken", "AllAccessDisabled", "AccountProblem",
+                        "InvalidToken", "AllAccessDisabled", "AccountProblem",
                         "403", "Forbidden", "InvalidClientTokenId", "UnrecognizedClientException",
                         "XAdminUserNotFound"}  # versitygw: unknown access key (a 404)
+# Checked before the 403 status that RequestTimeTooSkewed and ExpiredToken come with: a node's
+# clock that drifted, or short-lived credentials (IRSA, STS) that expired mid-run, are fixed by
+# a retry (a pod that may land elsewhere, with credentials fetched anew), not by the user.
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError",
+                    "RequestTimeTooSkewed", "ExpiredToken", "ServiceUnavailable", "InternalError",
                     "RequestLimitExceeded", "TooManyRequests", "503", "500", "502", "504"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
@@ -124,18 +127,24 @@ def error_from_client_error(error: Exception, uri: str, *, field: str | None = N
         return TrainerError(ExitCode.ACCESS_DENIED,
                             f"bucket {bucket!r} does not exist (while trying to {operation} {uri})",
                             field)
+    if code in _TRANSIENT_CODES:
+        return _transient(uri, operation, code, detail, field)
     if code in _ACCESS_DENIED_CODES or status == 403:
         return TrainerError(ExitCode.ACCESS_DENIED,
                             f"access denied to {uri} ({code}: {detail}); check the credentials "
                             "in the Secret and the bucket policy", CREDENTIALS_FIELD)
     if code in _MISSING_KEY_CODES or status == 404:
         return ObjectNotFound(ExitCode.INVALID_DATA, f"{uri} does not exist", field)
-    if code in _TRANSIENT_CODES or (status or 0) >= 500 or status == 429:
-        return TrainerError(ExitCode.TRANSIENT,
-                            f"S3 could not {operation} {uri} right now ({code or status}: "
-                            f"{detail}); retries exhausted", field)
+    if (status or 0) >= 500 or status == 429:
+        return _transient(uri, operation, code or status, detail, field)
     return TrainerError(ExitCode.FAILED, f"S3 refused to {operation} {uri} ({code}: {detail})",
                         field)
+
+
+def _transient(uri: str, operation: str, code, detail: str, field: str | None) -> TrainerError:
+    return TrainerError(ExitCode.TRANSIENT,
+                        f"S3 could not {operation} {uri} right now ({code}: {detail}); retries "
+                        "exhausted", field)
 
 
 def _translate(error: Exception, uri: str, field: str | None, operation: str) -> TrainerError:

@@ -715,7 +715,7 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         distributed.barrier(world)
     dataset = prepare_dataset(spec["dataset"], seed=spec["seed"],
                               cache_dir=cache_dir or Path.home() / ".cache" / "finetune",
-                              store=store)
+                              store=store, image_size=preprocessing.input_size)
     data_seconds = time.perf_counter() - started
     strategy, reason = choose_strategy(spec["strategy"], weights=spec["model"]["weights"])
     log(f"{len(dataset.train)} training and {len(dataset.val)} validation images in "
