@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,13 +117,13 @@ def upload_inputs() -> None:
 
 def print_changed_rows(lines) -> None:
     """The watch prints a row at every status update (progress is refreshed every few seconds);
-    show a row only when something besides its AGE column changed."""
+    show a row only when something besides its ages (CHECKPOINTED, AGE) changed."""
     previous = None
     for line in lines:
-        columns = line.split()
-        if columns[:-1] != previous:
+        columns = [c for c in line.split() if not re.fullmatch(r"(\d+[smhd])+", c)]
+        if columns != previous:
             print(line, end="", flush=True)
-        previous = columns[:-1]
+        previous = columns
 
 
 def run_job() -> dict:
