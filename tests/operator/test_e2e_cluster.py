@@ -6,6 +6,8 @@ with the chart's RBAC only (chart_operator)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -203,6 +205,69 @@ def test_a_pod_stopped_mid_epoch_checkpoints_its_step_and_the_job_resumes_there(
     assert job["metadata"]["annotations"]["finetune.dev/last-checkpoint-time"] == \
         current["lastCheckpoint"]["time"]
     assert current["lastCheckpoint"]["epoch"] == PREEMPTIBLE["epochs"]
+
+
+def node(kubectl, name: str) -> dict:
+    return json.loads(kubectl("get", "node", name, "-o", "json"))
+
+
+def node_ready(kubectl, name: str) -> str:
+    conditions = node(kubectl, name)["status"].get("conditions") or []
+    return next((c["status"] for c in conditions if c["type"] == "Ready"), "Unknown")
+
+
+def test_a_node_that_stops_answering_strands_the_trainer_until_it_is_back_then_it_resumes(
+        kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client):
+    """The kubelet frozen (SIGSTOP), as a node that loses its network or hangs: no SIGTERM
+    reaches the trainer. The node lifecycle controller marks the node NotReady, taints it, and
+    the taint evicts the pod (tolerationSeconds 5 here, 300 by default); the pod stays
+    Terminating while the node is away (podReplacementPolicy Failed: no second trainer writes
+    the same checkpoints). When the node answers again the kubelet stops the pod, gracefully,
+    and the job resumes. The local cluster has one real node, so the replacement runs there."""
+    s3_secret(kubectl, namespace, cluster_env)
+    real_node = cluster_env["FINETUNE_NODE_NAME"]
+    tolerations = [{"key": f"node.kubernetes.io/{taint}", "operator": "Exists",
+                    "effect": "NoExecute", "tolerationSeconds": 5}
+                   for taint in ("unreachable", "not-ready")]
+    manifest = finetunejob("stranded", namespace, datasets["fashion-mnist"], **{
+        **PREEMPTIBLE, "resources": {**PREEMPTIBLE["resources"], "tolerations": tolerations}})
+    apply(kubectl, manifest)
+    wait_phase(kubectl, namespace, "stranded", "Running", timeout=120)
+    wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
+    pod, = objects(kubectl, "pods", namespace)
+    kubelet = int((Path(cluster_env["FINETUNE_CLUSTER_DIR"]) / "pids" / "kubelet.pid")
+                  .read_text())
+    os.kill(kubelet, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        wait_for(lambda: node_ready(kubectl, real_node) != "True", timeout=180, interval=1,
+                 message=f"node {real_node} NotReady")
+        not_ready = time.monotonic() - frozen
+        wait_for(lambda: get(kubectl, "pod", pod["metadata"]["name"], namespace)["metadata"]
+                 .get("deletionTimestamp"), timeout=120, interval=1,
+                 message="the taint manager evicting the trainer pod")
+        evicted = time.monotonic() - frozen
+        # Stranded: Terminating, not replaced, while the node is away.
+        time.sleep(5)
+        assert len(objects(kubectl, "pods", namespace)) == 1
+    finally:
+        os.kill(kubelet, signal.SIGCONT)
+    wait_for(lambda: node_ready(kubectl, real_node) == "True", timeout=120, interval=1,
+             message=f"node {real_node} Ready again")
+    back = time.monotonic() - frozen
+    current = wait_phase(kubectl, namespace, "stranded", "Succeeded", "Failed", timeout=600)
+    assert current["phase"] == "Succeeded", current
+    assert current["attempts"] >= 2
+    report = s3_json(s3_client, current["output"]["reportUri"])
+    assert report["resumedFrom"] is not None
+    assert report["optimizerSteps"] == PREEMPTIBLE["epochs"] * (
+        report["dataset"]["trainImages"] // PREEMPTIBLE["batchSize"])
+    print(f"node away: NotReady after {not_ready:.0f} s, pod evicted after {evicted:.0f} s, "
+          f"node back after {back:.0f} s; resumed from {report['resumedFrom']}")
+    # The node is schedulable again for the tests after this one.
+    wait_for(lambda: not [t for t in node(kubectl, real_node)["spec"].get("taints") or []
+                          if t["key"].startswith("node.kubernetes.io/")],
+             timeout=120, interval=1, message="the node's unreachable taints removed")
 
 
 def test_operator_restarted_mid_job_leaves_exactly_one_job_and_the_job_finishes(
