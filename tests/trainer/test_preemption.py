@@ -20,7 +20,7 @@ from finetune_api.contract import ExitCode, parse_termination_message
 from finetune_trainer import train
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.preemption import STOP, Preempted
-from trainer_helpers import manifest, write_three_classes
+from trainer_helpers import manifest, signal_once_checkpointed, write_three_classes
 
 EPOCHS, BATCH = 3, 4  # 24 training images: 6 steps an epoch
 
@@ -141,12 +141,7 @@ def test_sigterm_to_the_pod_process_checkpoints_exits_11_and_the_next_run_resume
 
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    deadline = time.monotonic() + 300
-    while first.poll() is None and time.monotonic() < deadline:
-        if client.list_objects_v2(Bucket=s3_bucket, Prefix=pointer_key).get("KeyCount"):
-            first.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
+    signal_once_checkpointed(first, client, s3_bucket, pointer_key, signal.SIGTERM)
     output, _ = first.communicate(timeout=120)
     assert first.returncode == ExitCode.PREEMPTED, output[-3000:]
     message = parse_termination_message(termination_log.read_text())

@@ -3,6 +3,7 @@ on 32 px images keeps a training run to seconds on a shared CPU."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,14 @@ def manifest(dataset_uri: str, output_uri: str, *, name: str = "tiny", **spec) -
             body[key] = value
     return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": "tests"}, "spec": body}
+
+
+def signal_once_checkpointed(process, client, bucket: str, pointer_key: str, signum: int,
+                             timeout: float = 300) -> None:
+    """Send `signum` to a trainer process as soon as its first checkpoint pointer is in S3."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if client.list_objects_v2(Bucket=bucket, Prefix=pointer_key).get("KeyCount"):
+            process.send_signal(signum)
+            return
+        time.sleep(0.05)
