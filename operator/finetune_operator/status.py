@@ -268,11 +268,9 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
     output = {key: result[key] for key in ("modelUri", "reportUri") if result.get(key)}
     if output:
         fields["output"] = output
-    checkpoint = result.get("checkpoint") or {}
-    if checkpoint.get("time"):  # the last one, written after the last scrape
-        fields["lastCheckpoint"] = checkpoint_status(
-            checkpoint_prefix(spec), checkpoint.get("epoch", 0), checkpoint.get("step", 0),
-            timestamp(parse_time(checkpoint["time"])))
+    checkpoint = said_checkpoint(spec, result)  # the last one, written after the last scrape
+    if checkpoint:
+        fields["lastCheckpoint"] = checkpoint
     if result.get("strategy"):
         fields["resolvedStrategy"] = result["strategy"]
     if result.get("strategyReason"):
@@ -291,6 +289,15 @@ def _result_fields(result: dict[str, Any], spec: dict[str, Any]) -> dict[str, An
 
 def checkpoint_status(uri: str, epoch: int, step: int, time: str) -> dict[str, Any]:
     return {"uri": uri, "epoch": int(epoch), "step": int(step), "time": time}
+
+
+def said_checkpoint(spec: dict[str, Any], said: dict[str, Any]) -> dict[str, Any] | None:
+    """status.lastCheckpoint from the checkpoint a trainer's termination message names."""
+    checkpoint = said.get("checkpoint") or {}
+    if not checkpoint.get("time"):
+        return None
+    return checkpoint_status(checkpoint_prefix(spec), checkpoint.get("epoch", 0),
+                             checkpoint.get("step", 0), timestamp(parse_time(checkpoint["time"])))
 
 
 def newer_checkpoint(candidate: dict[str, Any] | None, known: dict[str, Any] | None) -> bool:
@@ -314,13 +321,9 @@ def preemption_fields(spec: dict[str, Any], status: dict[str, Any],
     fields: dict[str, Any] = {"preemptions": count}
     # The pods of a group stop together; the newest message that names a checkpoint says where.
     said = next((m for m in reversed(preempted) if m.get("checkpoint")), preempted[-1])
-    stopped_at = said.get("checkpoint") or {}
-    if stopped_at.get("time"):
-        checkpoint = checkpoint_status(checkpoint_prefix(spec), stopped_at["epoch"],
-                                       stopped_at.get("step", 0),
-                                       timestamp(parse_time(stopped_at["time"])))
-        if newer_checkpoint(checkpoint, status.get("lastCheckpoint")):
-            fields["lastCheckpoint"] = checkpoint
+    checkpoint = said_checkpoint(spec, said)
+    if newer_checkpoint(checkpoint, status.get("lastCheckpoint")):  # False for None
+        fields["lastCheckpoint"] = checkpoint
     message = said.get("message") or "the trainer stopped gracefully"
     return fields, [("Normal", "Preempted", f"preemption {count}: {message}")]
 
