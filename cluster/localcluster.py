@@ -542,13 +542,14 @@ class Cluster:
 
         log("waiting for nodes to be Ready and the default service account")
         self.wait_for("kubelet", self.nodes_ready, timeout=120)
-        # The kubelet knows no device plugin: advertise the node's GPUs in its status (the kubelet
-        # keeps them across its own status updates; a kubelet restart resets them).
+        # The kubelet knows no device plugin and measures no local storage: advertise the node's
+        # GPUs and ephemeral storage in its status (the kubelet keeps them across its own status
+        # updates; a kubelet restart resets them).
         status, body = self.api_request(
             f"/api/v1/nodes/{realnode.NODE_NAME}/status", method="PATCH",
-            body=realnode.gpu_capacity_patch(), content_type="application/merge-patch+json")
+            body=realnode.capacity_patch(), content_type="application/merge-patch+json")
         if status != 200:
-            raise RuntimeError(f"patching the GPUs of {realnode.NODE_NAME} failed: {status} {body[:300]!r}")
+            raise RuntimeError(f"patching the capacity of {realnode.NODE_NAME} failed: {status} {body[:300]!r}")
         self.wait_for("kube-controller-manager",
                       lambda: self.api_get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
                       timeout=60)

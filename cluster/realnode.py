@@ -35,6 +35,10 @@ NODE_NAME = "real-0"
 # runs on the CPU), with the labels of a GPU node so node selectors behave as on a cluster.
 NODE_GPUS = 2
 NODE_GPU_PRODUCT = "NVIDIA-A100-SXM4-40GB"
+# The kubelet runs with localStorageCapacityIsolation off and so advertises no ephemeral-storage:
+# trainer pods, which request it, schedule against this instead (as on the fake nodes); their
+# limits are not enforced here.
+NODE_EPHEMERAL_STORAGE = "1Ti"
 PAUSE_IMAGE = "localhost/finetune/pause:1"
 SYSCTLS = {
     # The kubelet refuses to start unless these are set (it checks kernel defaults).
@@ -292,9 +296,10 @@ def node_labels() -> str:
     return ",".join(f"{k}={v}" for k, v in labels.items())
 
 
-def gpu_capacity_patch() -> bytes:
-    return json.dumps({"status": {"capacity": {"nvidia.com/gpu": str(NODE_GPUS)},
-                                  "allocatable": {"nvidia.com/gpu": str(NODE_GPUS)}}}).encode()
+def capacity_patch() -> bytes:
+    """The resources the kubelet cannot advertise itself: GPUs and ephemeral storage."""
+    resources = {"nvidia.com/gpu": str(NODE_GPUS), "ephemeral-storage": NODE_EPHEMERAL_STORAGE}
+    return json.dumps({"status": {"capacity": resources, "allocatable": resources}}).encode()
 
 
 # --------------------------------------------------------------------------------------------
