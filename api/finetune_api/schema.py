@@ -63,8 +63,12 @@ def _rgb(description: str, **item_bounds: Any) -> Schema:
                       "minimum": 0, "maximum": 1, **item_bounds}}
 
 
+# A Kubernetes resource quantity as spec.resources accepts it: 4, 3500m, 16Gi, 1.5G.
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([mkMGTPE]i?)?$"
+
+
 def _quantity(description: str) -> Schema:
-    return {"x-kubernetes-int-or-string": True, "pattern": r"^[0-9]+(\.[0-9]+)?([mkMGTPE]i?)?$",
+    return {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN,
             "description": description}
 
 
@@ -251,6 +255,11 @@ def resources_schema() -> Schema:
                                        pattern=r"^([a-z0-9.\-]+/)?[a-zA-Z0-9_.\-]+$"),
             "cpu": _quantity("CPU request and limit, e.g. 4 or 3500m."),
             "memory": _quantity("Memory request and limit, e.g. 16Gi."),
+            "ephemeralStorage": _quantity(
+                "Local disk (ephemeral-storage) request and limit of each trainer pod, e.g. "
+                "50Gi: the dataset cache may use all of it, /tmp (downloads of pretrained "
+                "weights) a quarter; a pod that writes more is evicted by the kubelet. Default: "
+                "the operator's configured default (20Gi unless changed)."),
             "nodeSelector": {"type": "object", "description": "Node labels the pod requires.",
                              "additionalProperties": {"type": "string"}, "maxProperties": 32},
             "tolerations": {"type": "array", "description": "Tolerations for the pod "
@@ -448,6 +457,29 @@ def status_schema() -> Schema:
                                  "stop mid-epoch); 0 at an epoch's end."),
                 "time": _string("When it was complete.", format="date-time"),
             }),
+            "disruptions": _integer(
+                "Times a trainer pod was disrupted (the DisruptionTarget condition: evicted by "
+                "the kubelet or the Eviction API, preempted by the scheduler, its node lost); "
+                "pods disrupted in the same second count once. Retried without counting against "
+                "backoffLimit up to the operator's limit; past it the job fails with reason "
+                "Evicted."),
+            "lastDisruption": _object("The latest disruption counted.", {
+                "time": _string("When the pod was marked for disruption.", format="date-time"),
+                "pod": _string("The pod's name."),
+                "reason": _string("The DisruptionTarget condition's reason, e.g. "
+                                  "TerminationByKubelet, EvictionByEvictionAPI."),
+                "message": _string("The kubelet's or the API server's message, e.g. The node "
+                                   "was low on resource: ephemeral-storage."),
+            }),
+            "startError": _object(
+                "The trainer container cannot start yet (ErrImagePull, ImagePullBackOff, "
+                "CreateContainerConfigError, CreateContainerError): a registry hiccup or a Secret "
+                "created a moment later clears it; the job fails if it lasts longer than the "
+                "operator's grace.", {
+                    "reason": _string("The container's waiting reason."),
+                    "message": _string("The kubelet's message."),
+                    "since": _string("When the operator first saw it.", format="date-time"),
+                }),
             "preemptions": _integer("Times the trainer stopped gracefully on SIGTERM "
                                     "(preemption, eviction, drain, suspend) and checkpointed "
                                     "the step it stopped at; not counted against backoffLimit."),
