@@ -93,6 +93,9 @@ ENV_METRICS_ADDR = "FINETUNE_METRICS_ADDR"  # bind address of /metrics; default 
 ENV_METRICS_PORT = "FINETUNE_METRICS_PORT"  # overrides spec.metrics.port
 ENV_CACHE_DIR = "FINETUNE_CACHE_DIR"  # dataset/feature cache, survives pod restarts on a volume
 ENV_PUSHGATEWAY_URL = "FINETUNE_PUSHGATEWAY_URL"  # optional end-of-job push
+# The container's limits.ephemeral-storage in bytes (downward API resourceFieldRef): the dataset
+# and the model must fit in it. Unset: no check.
+ENV_EPHEMERAL_STORAGE_LIMIT = "FINETUNE_EPHEMERAL_STORAGE_LIMIT_BYTES"
 
 # Where the operator mounts the manifest in the trainer pod.
 SPEC_MOUNT_DIR = "/etc/finetune"

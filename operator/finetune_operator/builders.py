@@ -11,6 +11,7 @@ import hashlib
 from typing import Any
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from finetune_api import API_VERSION, KIND
 from finetune_api import contract
@@ -59,6 +60,15 @@ def rendezvous_service_name(finetunejob_name: str) -> str:
 
 
 RENDEZVOUS_PORT = 29500
+DEFAULT_METRICS_PORT = 9400
+
+
+def metrics_network_policy_name(finetunejob_name: str) -> str:
+    return _fit(finetunejob_name, 253, "-metrics")
+
+
+def peers_network_policy_name(finetunejob_name: str) -> str:
+    return _fit(finetunejob_name, 253, "-peers")
 
 
 def worker_count(spec: dict[str, Any]) -> int:
@@ -89,6 +99,40 @@ def build_rendezvous_service(finetunejob: Manifest) -> Manifest | None:
                  "publishNotReadyAddresses": True,
                  "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT,
                             "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]},
+    }
+
+
+def build_network_policies(finetunejob: Manifest, config: OperatorConfig) -> list[Manifest]:
+    """Ingress rules of the job's trainer pods (none when the operator's network policies are
+    off). Once a policy selects them, a pod is closed to all ingress the policies do not admit:
+    its metrics port is open only to the operator's namespace and the configured ones
+    (Prometheus); with several workers its pods are open to each other."""
+    if not config.network_policies:
+        return []
+    meta = finetunejob["metadata"]
+    spec = finetunejob["spec"]
+    trainer_pods = {"matchLabels": selector_labels(meta["name"])}
+    namespaces = sorted({config.pod_namespace, *config.metrics_from_namespaces})
+    metrics_port = (spec.get("metrics") or {}).get("port", DEFAULT_METRICS_PORT)
+    policies = [_network_policy(finetunejob, metrics_network_policy_name(meta["name"]), {
+        "from": [{"namespaceSelector": {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]}}],
+        "ports": [{"protocol": "TCP", "port": metrics_port}]})]
+    if worker_count(spec) > 1:
+        # Every port, not only the rendezvous: gloo and NCCL connect the ranks on ephemeral
+        # ports that cannot be pinned.
+        policies.append(_network_policy(finetunejob, peers_network_policy_name(meta["name"]),
+                                        {"from": [{"podSelector": trainer_pods}]}))
+    return policies
+
+
+def _network_policy(finetunejob: Manifest, name: str, ingress_rule: dict[str, Any]) -> Manifest:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": owned_child_metadata(finetunejob, name),
+        "spec": {"podSelector": {"matchLabels": selector_labels(finetunejob["metadata"]["name"])},
+                 "policyTypes": ["Ingress"], "ingress": [ingress_rule]},
     }
 
 
@@ -165,6 +209,9 @@ def _env(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": contract.ENV_METRICS_ADDR, "value": "0.0.0.0"},
         # The root filesystem is read-only: libraries that cache under $HOME write to scratch.
         {"name": "HOME", "value": SCRATCH_DIR},
+        # In bytes, for the trainer to check that the dataset fits before it downloads it.
+        {"name": contract.ENV_EPHEMERAL_STORAGE_LIMIT,
+         "valueFrom": {"resourceFieldRef": {"resource": "limits.ephemeral-storage"}}},
         {"name": "AWS_REGION", "value": s3.get("region") or "us-east-1"},
     ]
     if config.pushgateway_url:
@@ -184,17 +231,31 @@ def _env(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
     return env
 
 
+def ephemeral_storage(spec: dict[str, Any], config: OperatorConfig) -> str:
+    wanted = (spec.get("resources") or {}).get("ephemeralStorage")
+    return str(wanted) if wanted not in (None, "") else config.default_ephemeral_storage
+
+
+def scratch_size_limit(storage: str) -> str:
+    """/tmp's share of the pod's ephemeral storage: a quarter (pretrained downloads, temporary
+    files); the dataset cache may use all of it, the pod's limit caps the sum."""
+    quarter = int(parse_quantity(storage)) // 4
+    for suffix, unit in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if quarter and quarter % unit == 0:
+            return f"{quarter // unit}{suffix}"
+    return str(quarter)
+
+
 def _resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
     wanted = spec.get("resources") or {}
     amounts: dict[str, Any] = {}
     for field in ("cpu", "memory"):
         if wanted.get(field) not in (None, ""):
             amounts[field] = str(wanted[field])
+    amounts["ephemeral-storage"] = ephemeral_storage(spec, config)
     gpus = wanted.get("gpus", 1)
     if gpus:
         amounts[wanted.get("gpuResourceName") or config.default_gpu_resource] = str(gpus)
-    if not amounts:
-        return {}
     # Requests equal limits: a trainer's footprint is known, and extended resources (GPUs) must
     # be equal anyway.
     return {"requests": dict(amounts), "limits": dict(amounts)}
@@ -225,7 +286,8 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
         labels = {**labels, contract.LABEL_QUEUE: spec["queueName"]}
     annotations = {ANNOTATION_FINETUNEJOB: name}
     resources = spec.get("resources") or {}
-    metrics_port = (spec.get("metrics") or {}).get("port", 9400)
+    metrics_port = (spec.get("metrics") or {}).get("port", DEFAULT_METRICS_PORT)
+    storage = ephemeral_storage(spec, config)
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -248,9 +310,7 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    container_resources = _resources(spec, config)
-    if container_resources:
-        container["resources"] = container_resources
+    container["resources"] = _resources(spec, config)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -272,8 +332,8 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
             {"name": "spec", "configMap": {
                 "name": spec_configmap_name(name),
                 "items": [{"key": contract.SPEC_FILE_NAME, "path": contract.SPEC_FILE_NAME}]}},
-            {"name": "scratch", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size_limit(storage)}},
+            {"name": "cache", "emptyDir": {"sizeLimit": storage}},
         ],
     }
     if spec.get("serviceAccountName"):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from finetune_api.schema import QUANTITY_PATTERN
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
@@ -38,6 +42,14 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: {raw!r} is not a boolean (true/false)")
 
 
+def _namespaces(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    names = tuple(ns.strip() for ns in env.get(name, "").split(",") if ns.strip())
+    for namespace in names:
+        if not NAMESPACE_NAME.match(namespace):
+            raise ConfigError(f"{name}: {namespace!r} is not a namespace name")
+    return names
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -57,13 +69,25 @@ class OperatorConfig:
     # every collective after it): a gang that cannot start completely fails instead of holding
     # its GPUs.
     rendezvous_timeout_seconds: int = 600
+    # Trainer pods' ephemeral-storage request and limit when spec.resources.ephemeralStorage is
+    # empty.
+    default_ephemeral_storage: str = "20Gi"
+    # Disruptions (evictions, preemptions, lost nodes) retried before a job fails with reason
+    # Evicted: a pod that keeps filling its node's disk must not keep evicting its neighbours.
+    max_disruptions: int = 3
+    # Seconds a trainer container may stay unable to start (ErrImagePull, ImagePullBackOff,
+    # CreateContainerConfigError, CreateContainerError) before its job fails.
+    start_error_grace_seconds: int = 300
+    # A NetworkPolicy per job: the trainers' metrics port open only to these namespaces (and the
+    # operator's own), a multi-worker job's pods open to each other.
+    network_policies: bool = True
+    metrics_from_namespaces: tuple[str, ...] = ()
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
         env = os.environ if env is None else env
-        namespaces = tuple(ns.strip() for ns in env.get("FINETUNE_WATCH_NAMESPACES", "").split(",")
-                           if ns.strip())
+        namespaces = _namespaces(env, "FINETUNE_WATCH_NAMESPACES")
         level = env.get("FINETUNE_LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"FINETUNE_LOG_LEVEL: {level!r} is not DEBUG, INFO, WARNING or ERROR")
@@ -72,6 +96,10 @@ class OperatorConfig:
             raise ConfigError(f"FINETUNE_DEFAULT_S3_ENDPOINT: {endpoint!r} must start with "
                               "http:// or https://")
         pod_name = env.get("POD_NAME", "").strip()
+        ephemeral_storage = env.get("FINETUNE_DEFAULT_EPHEMERAL_STORAGE", "").strip() or "20Gi"
+        if not re.match(QUANTITY_PATTERN, ephemeral_storage):
+            raise ConfigError(f"FINETUNE_DEFAULT_EPHEMERAL_STORAGE: {ephemeral_storage!r} is not "
+                              "a quantity such as 20Gi")
         return cls(
             trainer_image=env.get("FINETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
             default_s3_endpoint=endpoint,
@@ -88,6 +116,11 @@ class OperatorConfig:
             lease_duration_seconds=_int(env, "FINETUNE_LEASE_DURATION_SECONDS", 15, 3),
             pushgateway_url=env.get("FINETUNE_PUSHGATEWAY_URL", "").strip(),
             rendezvous_timeout_seconds=_int(env, "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS", 600, 10),
+            default_ephemeral_storage=ephemeral_storage,
+            max_disruptions=_int(env, "FINETUNE_MAX_DISRUPTIONS", 3),
+            start_error_grace_seconds=_int(env, "FINETUNE_START_ERROR_GRACE_SECONDS", 300),
+            network_policies=_bool(env, "FINETUNE_NETWORK_POLICIES", True),
+            metrics_from_namespaces=_namespaces(env, "FINETUNE_METRICS_FROM_NAMESPACES"),
             identity=(f"{pod_name}-{os.getpid()}" if pod_name
                       else f"{socket.gethostname()}-{os.getpid()}"),
         )

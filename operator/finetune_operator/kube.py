@@ -153,7 +153,9 @@ class Kube:
         name = manifest["metadata"]["name"]
         collection = {"Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
                       "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-                      "Service": f"/api/v1/namespaces/{namespace}/services"}[manifest["kind"]]
+                      "Service": f"/api/v1/namespaces/{namespace}/services",
+                      "NetworkPolicy": f"/apis/networking.k8s.io/v1/namespaces/{namespace}/"
+                                       "networkpolicies"}[manifest["kind"]]
         try:
             return self.request("POST", collection, manifest), True
         except ApiException as error:

@@ -1,6 +1,6 @@
 """Operator-wide background loops, run next to kopf on the leader only: reading trainers'
-progress, deleting finished FineTuneJobs after their TTL, and retrying status refreshes that
-failed. Not kopf timers: those add a finalizer to every object they serve, and a finalizer would
+progress, deleting finished FineTuneJobs after their TTL, failing jobs whose trainer could not
+start within the grace, and retrying status refreshes that failed. Not kopf timers: those add a finalizer to every object they serve, and a finalizer would
 block deletion while the operator is down."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from finetune_operator.status import RUNNING, TERMINAL_PHASES, parse_time
 
 log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_SECONDS = 3
-TTL_SWEEP_SECONDS = 2
+DEADLINE_SWEEP_SECONDS = 2
 
 
 def metrics_url(pod: dict[str, Any]) -> str | None:
@@ -86,17 +86,34 @@ def expired(finetunejob: dict[str, Any], now: datetime) -> bool:
     return finished is not None and (now - finished).total_seconds() >= ttl
 
 
-async def ttl_loop(reconciler: Reconciler) -> None:
+def start_error_overdue(finetunejob: dict[str, Any], now: datetime, grace_seconds: int) -> bool:
+    """The trainer container has been unable to start for longer than the grace: a missing
+    Secret changes nothing in the pod, so no watch event would bring the job's status up."""
+    status = finetunejob.get("status") or {}
+    since = parse_time((status.get("startError") or {}).get("since"))
+    return (since is not None and status.get("phase") not in TERMINAL_PHASES
+            and (now - since).total_seconds() >= grace_seconds)
+
+
+async def deadline_loop(reconciler: Reconciler) -> None:
+    """Acts on FineTuneJobs whose time is up: deletes the finished ones past their TTL, and
+    re-derives the status of those whose trainer could not start within the grace."""
+    grace = reconciler.config.start_error_grace_seconds
     while True:
         now = datetime.now(timezone.utc)
         for finetunejob in reconciler.view.finetunejobs():
-            if expired(finetunejob, now) and not finetunejob["metadata"].get("deletionTimestamp"):
-                try:
+            meta = finetunejob["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            try:
+                if expired(finetunejob, now):
                     await asyncio.to_thread(reconciler.expire, finetunejob)
-                except Exception as error:
-                    log.warning("could not delete expired %s: %s",
-                                finetunejob["metadata"]["name"], error)
-        await asyncio.sleep(TTL_SWEEP_SECONDS)
+                elif start_error_overdue(finetunejob, now, grace):
+                    await asyncio.to_thread(reconciler.refresh, meta["namespace"], meta["name"])
+            except Exception as error:
+                log.warning("acting on %s/%s at its deadline failed: %s", meta["namespace"],
+                            meta["name"], error)
+        await asyncio.sleep(DEADLINE_SWEEP_SECONDS)
 
 
 async def retry_loop(reconciler: Reconciler, interval: float = 5) -> None:

@@ -26,6 +26,9 @@ CLUSTER_RULES: list[PolicyRule] = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
     # Headless Service for the rendezvous of multi-worker jobs (spec.resources.workers > 1).
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
+    # The ingress rules of each job's trainer pods (FINETUNE_NETWORK_POLICIES).
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "create"]},
     # Phase transitions as Events on the FineTuneJob.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

@@ -120,6 +120,9 @@ class Reconciler:
             service = builders.build_rendezvous_service(finetunejob)
             if service is not None:
                 self.kube.create_or_adopt(service, uid)
+            # Before the Job: its pods never run unprotected where a CNI enforces them.
+            for policy in builders.build_network_policies(finetunejob, self.config):
+                self.kube.create_or_adopt(policy, uid)
             job = self.kube.get_job(namespace, builders.trainer_job_name(name))
             if job is not None and not builders.is_owned_by(job, uid):
                 raise NotOurs(job)
@@ -156,7 +159,8 @@ class Reconciler:
 
         pods = self.view.pods(job) if job is not None else []
         update = derive_status(with_conditions, job, pods, now,
-                               self.view.attempts(job) if job is not None else 0)
+                               self.view.attempts(job) if job is not None else 0,
+                               config=self.config)
         update.patch.setdefault("conditions", conditions)
         update.patch["observedGeneration"] = finetunejob["metadata"].get("generation")
         self._apply(finetunejob, update)
@@ -194,7 +198,7 @@ class Reconciler:
             pods = self.view.pods(job) if job is not None else []
             self._apply(finetunejob, derive_status(
                 finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0,
-                self.view.preemptions(job) if job is not None else []))
+                self.view.preemptions(job) if job is not None else [], self.config))
 
     def refresh_or_defer(self, namespace: str, name: str) -> None:
         """For watch events, which kopf does not retry: a failed refresh is queued for the
@@ -218,6 +222,10 @@ class Reconciler:
     def _apply(self, finetunejob: Manifest, update: StatusUpdate) -> None:
         meta = finetunejob["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        if update.stop_job:
+            # Before the status says Failed: a failed job is final and never looked at again, so
+            # a stop that did not happen would leave its pods running.
+            self._stop_job(finetunejob)
         if update.patch:
             self.kube.patch_finetunejob_status(namespace, name, update.patch)
             self.view.put_finetunejob({**finetunejob, "status": {
@@ -235,15 +243,19 @@ class Reconciler:
             self.kube.post_event(finetunejob, *notice)
         if "lastCheckpoint" in update.patch:
             self._annotate_checkpoint(finetunejob, update.patch["lastCheckpoint"])
-        if update.stop_job:
-            job_name = (finetunejob.get("status") or {}).get("jobName") or \
-                builders.trainer_job_name(name)
-            try:
-                # The pod would retry a bad image or a missing Secret forever, holding its GPU.
-                self.kube.patch_job(namespace, job_name, {"spec": {"suspend": True}})
-            except ApiException as error:
-                if error.status != 404:
-                    raise
+
+    def _stop_job(self, finetunejob: Manifest) -> None:
+        """Suspend the trainer Job of a failed job: Kubernetes deletes its pods (which would
+        retry a bad image, a missing Secret or an eviction forever, holding a GPU); the Job, the
+        failed pods and the checkpoints stay for inspection."""
+        meta = finetunejob["metadata"]
+        job_name = (finetunejob.get("status") or {}).get("jobName") or \
+            builders.trainer_job_name(meta["name"])
+        try:
+            self.kube.patch_job(meta["namespace"], job_name, {"spec": {"suspend": True}})
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     # Progress and TTL
     def record_progress(self, namespace: str, name: str, samples: dict[str, Any]) -> None:

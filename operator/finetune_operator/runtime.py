@@ -61,7 +61,7 @@ async def run(config: OperatorConfig) -> None:
 
     background = [asyncio.create_task(coro) for coro in (
         loops.progress_loop(reconciler, config.progress_interval_seconds),
-        loops.ttl_loop(reconciler),
+        loops.deadline_loop(reconciler),
         loops.retry_loop(reconciler),
         *([_keep_lease(elector)] if elector else []),
     )]

@@ -7,22 +7,27 @@ handlers feed it what the watches saw and patch what it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from finetune_api import contract
 
 from finetune_operator.builders import CONTAINER_NAME, worker_count
+from finetune_operator.config import OperatorConfig
 
 Manifest = dict[str, Any]
 
 PENDING, QUEUED, RUNNING = "Pending", "Queued", "Running"
 SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
 TERMINAL_PHASES = (SUCCEEDED, FAILED)
-# Container waiting reasons that will not clear up by themselves: the job fails at once with the
+# A container waiting reason that will not clear up by itself: the job fails at once with the
 # reason on the FineTuneJob instead of sitting "Pending" forever.
-FATAL_WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName",
-                         "CreateContainerConfigError", "CreateContainerError")
+FATAL_WAITING_REASONS = ("InvalidImageName",)
+# Waiting reasons that may clear up (a registry hiccup, a Secret created a moment later): the job
+# fails only when one lasts longer than the operator's start-error grace.
+START_ERROR_REASONS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError",
+                       "CreateContainerError")
+DEFAULT_CONFIG = OperatorConfig()
 CONDITION_ORDER = ("Valid", "Running", "Suspended", "Succeeded", "Failed", "SpecApplied")
 
 
@@ -66,6 +71,7 @@ class Verdict:
     failure: dict[str, Any] | None = None
     result: dict[str, Any] = field(default_factory=dict)  # the trainer's success message
     stop_job: bool = False  # the Job must be stopped (suspended) because the job failed
+    start_error: dict[str, Any] | None = None  # status.startError while within its grace
 
 
 @dataclass
@@ -143,6 +149,37 @@ def trainer_failure(pod: Manifest) -> dict[str, Any] | None:
             "exitCode": exit_code}
 
 
+def disruption(pod: Manifest) -> dict[str, Any] | None:
+    """When and why a pod was disrupted (evicted, preempted, its node lost), or None."""
+    condition = _pod_condition(pod, "DisruptionTarget") or {}
+    pod_status = pod.get("status") or {}
+    if condition.get("status") != "True" and pod_status.get("reason") != "Evicted":
+        return None
+    return {"time": condition.get("lastTransitionTime") or _finished_at(pod),
+            "pod": pod["metadata"]["name"],
+            "reason": condition.get("reason") or pod_status.get("reason") or "Evicted",
+            # The kubelet's eviction message is on the pod; the API server's on the condition.
+            "message": (pod_status.get("message") or condition.get("message")
+                        or "the pod was disrupted")}
+
+
+def disruption_fields(status: dict[str, Any], pods: list[Manifest]
+                      ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """status.disruptions and lastDisruption, counting the pods disrupted after the last one
+    counted (pods of a group disrupted in the same second once), and an Event for the count."""
+    counted_until = parse_time((status.get("lastDisruption") or {}).get("time"))
+    new = sorted((d for d in map(disruption, pods) if d and (
+        counted_until is None or parse_time(d["time"]) > counted_until)),
+        key=lambda d: parse_time(d["time"]))
+    if not new:
+        return {}, []
+    count = (status.get("disruptions") or 0) + len({parse_time(d["time"]) for d in new})
+    last = new[-1]
+    return {"disruptions": count, "lastDisruption": last}, [
+        ("Warning", "Disrupted", f"disruption {count}: pod {last['pod']} "
+                                 f"({last['reason']}): {last['message']}")]
+
+
 def _job_condition(job: Manifest, *types: str) -> dict[str, Any] | None:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") in types and condition.get("status") == "True":
@@ -150,11 +187,15 @@ def _job_condition(job: Manifest, *types: str) -> dict[str, Any] | None:
     return None
 
 
-def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
-          job_was_created: bool, has_run: bool = False) -> Verdict:
-    """The phase the Job and its pods put the FineTuneJob in."""
+def judge(spec: dict[str, Any], status: dict[str, Any], job: Manifest | None,
+          pods: list[Manifest], now: datetime, config: OperatorConfig) -> Verdict:
+    """The phase the Job and its pods put the FineTuneJob in; `status` is the FineTuneJob's
+    with this observation's disruptions counted."""
+    # Once the trainer has run, the gaps between its pods (one finishing before the Job says
+    # Complete, one evicted and being replaced) are part of running, not a step back to Pending.
+    has_run = bool(status.get("startTime")) or status.get("phase") == RUNNING
     if job is None:
-        if job_was_created:
+        if status.get("jobName"):
             return Verdict(FAILED, "JobDeleted",
                            "the trainer Job was deleted outside the operator; delete and "
                            "re-create the FineTuneJob to run it again",
@@ -203,13 +244,30 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
                 failure.update(last_failure)
         return Verdict(FAILED, failure["reason"], failure["message"], failure=failure)
 
+    disruptions = status.get("disruptions") or 0
+    if disruptions > config.max_disruptions:
+        # The pod failure policy would retry forever; a pod that keeps filling its node's disk
+        # would keep evicting its neighbours.
+        last = status.get("lastDisruption") or {}
+        message = (f"the trainer pod was disrupted {disruptions} times, more than the "
+                   f"{config.max_disruptions} the operator retries; last: pod {last.get('pod')} "
+                   f"({last.get('reason')}): {last.get('message')}")
+        return Verdict(FAILED, "Evicted", message,
+                       failure={"reason": "Evicted", "message": message}, stop_job=True)
+
     active_pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    start_error = None
     for pod in active_pods:
-        waiting = _waiting(pod)
-        if waiting and waiting.get("reason") in FATAL_WAITING_REASONS:
-            message = waiting.get("message") or waiting["reason"]
-            failure = {"reason": waiting["reason"], "message": message}
-            return Verdict(FAILED, waiting["reason"], message, failure=failure, stop_job=True)
+        waiting = _waiting(pod) or {}
+        reason = waiting.get("reason")
+        if reason in FATAL_WAITING_REASONS:
+            message = waiting.get("message") or reason
+            failure = {"reason": reason, "message": message}
+            return Verdict(FAILED, reason, message, failure=failure, stop_job=True)
+        if reason in START_ERROR_REASONS and start_error is None:
+            start_error = {"reason": reason, "message": waiting.get("message") or reason}
+    if start_error:
+        return _judge_start_error(start_error, status, now, config, has_run)
 
     if (job.get("spec") or {}).get("suspend"):
         if spec.get("suspend"):
@@ -238,13 +296,31 @@ def judge(spec: dict[str, Any], job: Manifest | None, pods: list[Manifest],
     if last_failure:
         return Verdict(RUNNING, "Retrying",
                        f"retrying after {last_failure['reason']}: {last_failure['message']}")
-    # Once the trainer has run, the gaps between its pods (one finishing before the Job says
-    # Complete, one evicted and being replaced) are part of running, not a step back to Pending.
     if has_run:
         if any((_terminated(p) or {}).get("exitCode") == 0 for p in pods):
             return Verdict(RUNNING, "Completing", "the trainer finished; completing the Job")
         return Verdict(RUNNING, "Restarting", "the trainer pod is being replaced")
     return Verdict(PENDING, "PodStarting", "waiting for the trainer pod to start")
+
+
+def _judge_start_error(start_error: dict[str, Any], status: dict[str, Any], now: datetime,
+                       config: OperatorConfig, has_run: bool) -> Verdict:
+    """A container that cannot start yet: waiting within the grace, which runs from when the
+    operator first saw it (kept in status, so that a restarted operator keeps the clock)."""
+    since = parse_time((status.get("startError") or {}).get("since")) or now
+    grace = config.start_error_grace_seconds
+    waited = (now - since).total_seconds()
+    if waited >= grace:
+        message = (f"{start_error['message']} (the trainer container could not start for "
+                   f"{waited:.0f} s, the operator's grace is {grace} s)")
+        return Verdict(FAILED, start_error["reason"], message,
+                       failure={"reason": start_error["reason"], "message": message},
+                       stop_job=True)
+    deadline = timestamp(since + timedelta(seconds=grace))
+    return Verdict(RUNNING if has_run else PENDING, start_error["reason"],
+                   f"{start_error['message']} (the job fails at {deadline} unless the trainer "
+                   "container starts)",
+                   start_error={**start_error, "since": timestamp(since)})
 
 
 def group_attempts(spec: dict[str, Any], pods: int) -> int:
@@ -337,18 +413,19 @@ def checkpoint_prefix(spec: dict[str, Any]) -> str:
 
 def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manifest],
                   now: datetime, pods_started: int = 0,
-                  preempted: list[dict[str, Any]] = ()) -> StatusUpdate:
+                  preempted: list[dict[str, Any]] = (),
+                  config: OperatorConfig = DEFAULT_CONFIG) -> StatusUpdate:
     """The status patch for `finetunejob` given its trainer Job (None: not there) and the Job's
     pods. `preempted`: what the Job's pods that stopped gracefully said (ClusterView keeps it
-    after the pods are gone). A finished job stays finished: later observations may only fill
-    in details."""
+    after the pods are gone). `config`: the operator's limits on disruptions and start errors.
+    A finished job stays finished: later observations may only fill in details."""
     meta = finetunejob["metadata"]
     spec = finetunejob.get("spec") or {}
     status = finetunejob.get("status") or {}
     generation = meta.get("generation")
     old_phase = status.get("phase")
-    verdict = judge(spec, job, pods, job_was_created=bool(status.get("jobName")),
-                    has_run=bool(status.get("startTime")) or old_phase == RUNNING)
+    disrupted, disruption_notices = disruption_fields(status, pods)
+    verdict = judge(spec, {**status, **disrupted}, job, pods, now, config)
 
     if old_phase in TERMINAL_PHASES:
         # Watches of the Job and of its pods are separate streams: the Job may report Complete
@@ -373,6 +450,9 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     new: dict[str, Any] = {"phase": phase, "observedGeneration": generation}
     preemption, notices = preemption_fields(spec, status, list(preempted))
     new.update(preemption)
+    new.update(disrupted)
+    notices += disruption_notices
+    new["startError"] = verdict.start_error  # None removes it once the container starts
     if job is not None:
         new["jobName"] = job["metadata"]["name"]
         job_counts = (job.get("status") or {})

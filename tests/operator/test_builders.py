@@ -27,24 +27,56 @@ def test_job_requests_and_limits_the_declared_gpus():
     job = builders.build_trainer_job(finetunejob(resources={"gpus": 2, "cpu": "4",
                                                              "memory": "16Gi"}), CONFIG)
     resources = container(job)["resources"]
-    assert resources["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert resources["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2",
+                                   "ephemeral-storage": "20Gi"}
     assert resources["requests"] == resources["limits"]
 
 
 def test_gpu_resource_name_comes_from_spec_then_operator_default():
     amd = OperatorConfig(default_gpu_resource="amd.com/gpu")
     job = builders.build_trainer_job(finetunejob(resources={"gpus": 1}), amd)
-    assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+    assert container(job)["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
     mig = finetunejob(resources={"gpus": 1, "gpuResourceName": "nvidia.com/mig-1g.10gb"})
     job = builders.build_trainer_job(mig, amd)
-    assert container(job)["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+    assert container(job)["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1",
+                                                     "ephemeral-storage": "20Gi"}
 
 
 def test_zero_gpus_requests_no_gpu_resource():
     job = builders.build_trainer_job(finetunejob(resources={"gpus": 0, "cpu": "2"}), CONFIG)
-    assert container(job)["resources"]["limits"] == {"cpu": "2"}
+    assert container(job)["resources"]["limits"] == {"cpu": "2", "ephemeral-storage": "20Gi"}
     job = builders.build_trainer_job(finetunejob(resources={"gpus": 0}), CONFIG)
-    assert "resources" not in container(job)
+    assert container(job)["resources"]["limits"] == {"ephemeral-storage": "20Gi"}
+
+
+def test_ephemeral_storage_comes_from_spec_then_operator_default_and_bounds_the_volumes():
+    def disk(job):
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+        resources = container(job)["resources"]
+        return (resources["requests"]["ephemeral-storage"],
+                resources["limits"]["ephemeral-storage"],
+                volumes[mounts[builders.CACHE_DIR]]["emptyDir"]["sizeLimit"],
+                volumes[mounts[builders.SCRATCH_DIR]]["emptyDir"]["sizeLimit"])
+
+    # The dataset cache may fill the pod's disk; /tmp (pretrained downloads) a quarter of it.
+    assert disk(builders.build_trainer_job(finetunejob(), CONFIG)) == \
+        ("20Gi", "20Gi", "20Gi", "5Gi")
+    spec = finetunejob(resources={"gpus": 1, "ephemeralStorage": "100Gi"})
+    assert disk(builders.build_trainer_job(spec, CONFIG)) == ("100Gi", "100Gi", "100Gi", "25Gi")
+    operator_default = OperatorConfig.from_env({"FINETUNE_DEFAULT_EPHEMERAL_STORAGE": "50G"})
+    assert disk(builders.build_trainer_job(finetunejob(), operator_default)) == \
+        ("50G", "50G", "50G", "12500000000")
+    odd = finetunejob(resources={"gpus": 1, "ephemeralStorage": "1.5Gi"})
+    assert disk(builders.build_trainer_job(odd, CONFIG))[3] == "384Mi"
+
+
+def test_the_trainer_reads_its_ephemeral_storage_limit_through_the_downward_api():
+    variable = env(builders.build_trainer_job(finetunejob(), CONFIG))[
+        contract.ENV_EPHEMERAL_STORAGE_LIMIT]
+    assert variable["valueFrom"] == {"resourceFieldRef": {"resource": "limits.ephemeral-storage"}}
+    assert contract.ENV_EPHEMERAL_STORAGE_LIMIT == "FINETUNE_EPHEMERAL_STORAGE_LIMIT_BYTES"
 
 
 def test_scheduling_fields_pass_through_to_the_pod():
@@ -280,3 +312,61 @@ def test_several_workers_build_an_indexed_job_and_a_headless_service():
     shorter = builders.build_trainer_job(ftj, replace(CONFIG, rendezvous_timeout_seconds=30))
     assert env(shorter)["FINETUNE_RENDEZVOUS_TIMEOUT"]["value"] == "30"
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "4"  # per worker
+
+
+def test_every_job_gets_a_policy_opening_the_metrics_port_to_named_namespaces_only():
+    ftj = finetunejob(metrics={"port": 9555})
+    config = OperatorConfig(pod_namespace="finetune-system",
+                            metrics_from_namespaces=("monitoring", "finetune-system"))
+    policy, = builders.build_network_policies(ftj, config)
+    job = builders.build_trainer_job(ftj, config)
+    assert policy["metadata"]["name"] == "flowers-metrics"
+    assert policy["metadata"]["namespace"] == "team-a"
+    assert policy["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    # It selects exactly the job's trainer pods.
+    assert policy["spec"]["podSelector"] == {"matchLabels": builders.selector_labels("flowers")}
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
+        job["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rule, = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9555}]
+    assert rule["from"] == [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In",
+         "values": ["finetune-system", "monitoring"]}]}}]
+    # The operator reads the trainers' progress from its own namespace, named or not.
+    alone, = builders.build_network_policies(ftj, OperatorConfig(pod_namespace="ops"))
+    assert alone["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0][
+        "values"] == ["ops"]
+
+
+def test_a_multi_worker_job_gets_a_policy_opening_its_pods_to_each_other_only():
+    ftj = finetunejob(resources={"gpus": 1, "workers": 2})
+    metrics, peers = builders.build_network_policies(ftj, CONFIG)
+    assert metrics["metadata"]["name"] == "flowers-metrics"
+    assert peers["metadata"]["name"] == "flowers-peers"
+    trainer_pods = {"matchLabels": builders.selector_labels("flowers")}
+    assert peers["spec"]["podSelector"] == trainer_pods
+    # From the job's own pods (in its namespace) on every port: the rendezvous, and the ephemeral
+    # ports gloo and NCCL connect the ranks on.
+    assert peers["spec"]["ingress"] == [{"from": [{"podSelector": trainer_pods}]}]
+    assert peers["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_network_policies_can_be_turned_off_and_have_deterministic_names():
+    ftj = finetunejob(resources={"gpus": 1, "workers": 2})
+    assert builders.build_network_policies(ftj, OperatorConfig(network_policies=False)) == []
+    assert builders.build_network_policies(ftj, CONFIG) == \
+        builders.build_network_policies(ftj, CONFIG)
+    long_name = "a" * 250
+    for name in (builders.metrics_network_policy_name(long_name),
+                 builders.peers_network_policy_name(long_name)):
+        assert len(name) <= 253
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_network_policies_use_only_real_networking_v1_fields(workers):
+    client = kubernetes.client.ApiClient()
+    for policy in builders.build_network_policies(
+            finetunejob(resources={"gpus": 1, "workers": workers}), CONFIG):
+        model = client._ApiClient__deserialize(json.loads(json.dumps(policy)), "V1NetworkPolicy")
+        assert client.sanitize_for_serialization(model) == policy

@@ -14,16 +14,26 @@ def test_config_from_environment():
         "FINETUNE_WATCH_NAMESPACES": "team-a, team-b,,",
         "FINETUNE_OPERATOR_METRICS_PORT": "9090", "FINETUNE_OPERATOR_METRICS_ADDR": "127.0.0.1",
         "FINETUNE_PROGRESS_INTERVAL_SECONDS": "5", "FINETUNE_LOG_LEVEL": "debug",
-        "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS": "120", "POD_NAMESPACE": "finetune-system"})
+        "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS": "120", "POD_NAMESPACE": "finetune-system",
+        "FINETUNE_DEFAULT_EPHEMERAL_STORAGE": "50Gi", "FINETUNE_MAX_DISRUPTIONS": "0",
+        "FINETUNE_START_ERROR_GRACE_SECONDS": "30", "FINETUNE_NETWORK_POLICIES": "false",
+        "FINETUNE_METRICS_FROM_NAMESPACES": "monitoring, prometheus,"})
     assert config.watch_namespaces == ("team-a", "team-b")
     assert (config.metrics_addr, config.metrics_port) == ("127.0.0.1", 9090)
     assert config.default_gpu_resource == "amd.com/gpu"
     assert config.log_level == "DEBUG" and config.pod_namespace == "finetune-system"
     assert config.rendezvous_timeout_seconds == 120
+    assert config.default_ephemeral_storage == "50Gi"
+    assert (config.max_disruptions, config.start_error_grace_seconds) == (0, 30)
+    assert not config.network_policies
+    assert config.metrics_from_namespaces == ("monitoring", "prometheus")
     defaults = OperatorConfig.from_env({})
     assert defaults.watch_namespaces == () and defaults.metrics_port == 8080
     assert defaults.metrics_addr == "0.0.0.0" and defaults.leader_election
     assert defaults.rendezvous_timeout_seconds == 600
+    assert defaults.default_ephemeral_storage == "20Gi"
+    assert (defaults.max_disruptions, defaults.start_error_grace_seconds) == (3, 300)
+    assert defaults.network_policies and defaults.metrics_from_namespaces == ()
 
 
 @pytest.mark.parametrize("env, field", [
@@ -33,6 +43,11 @@ def test_config_from_environment():
     ({"FINETUNE_DEFAULT_S3_ENDPOINT": "s3.local"}, "FINETUNE_DEFAULT_S3_ENDPOINT"),
     ({"FINETUNE_LEADER_ELECTION": "maybe"}, "FINETUNE_LEADER_ELECTION"),
     ({"FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS": "5"}, "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"),
+    ({"FINETUNE_DEFAULT_EPHEMERAL_STORAGE": "lots"}, "FINETUNE_DEFAULT_EPHEMERAL_STORAGE"),
+    ({"FINETUNE_MAX_DISRUPTIONS": "-1"}, "FINETUNE_MAX_DISRUPTIONS"),
+    ({"FINETUNE_START_ERROR_GRACE_SECONDS": "5m"}, "FINETUNE_START_ERROR_GRACE_SECONDS"),
+    ({"FINETUNE_NETWORK_POLICIES": "maybe"}, "FINETUNE_NETWORK_POLICIES"),
+    ({"FINETUNE_METRICS_FROM_NAMESPACES": "Monitoring"}, "FINETUNE_METRICS_FROM_NAMESPACES"),
 ])
 def test_bad_config_names_the_variable(env, field):
     with pytest.raises(ConfigError, match=field):

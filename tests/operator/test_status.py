@@ -1,6 +1,7 @@
 from datetime import datetime, timedelta, timezone
 
 from finetune_api import contract
+from finetune_operator.config import OperatorConfig
 from finetune_operator.status import derive_status, set_condition
 
 from operator_factories import (finetunejob, job, job_condition, pod, running_state,
@@ -171,23 +172,72 @@ def test_deadline_exceeded():
     assert "60" in update.patch["failure"]["message"]
 
 
-def test_image_pull_errors_fail_the_job_and_stop_it():
-    for reason in ("ImagePullBackOff", "ErrImagePull"):
-        waiting = {"waiting": {"reason": reason,
-                               "message": 'Back-off pulling image "registry.local/nope:1"'}}
-        update = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
-        assert update.patch["phase"] == "Failed"
-        assert update.patch["failure"]["reason"] == reason
-        assert "registry.local/nope:1" in update.patch["failure"]["message"]
-        assert update.stop_job
+def pull_error(reason="ErrImagePull"):
+    return {"waiting": {"reason": reason,
+                        "message": 'Back-off pulling image "registry.local/nope:1"'}}
 
 
-def test_missing_secret_fails_with_create_container_config_error():
+def test_an_image_pull_error_is_waited_out_for_the_grace_then_fails_and_stops_the_job():
+    first = derive_status(finetunejob(status=CREATED), job(), [pod(state=pull_error())], NOW)
+    assert first.new_phase == "Pending" and not first.stop_job
+    assert first.patch["startError"] == {
+        "reason": "ErrImagePull", "message": 'Back-off pulling image "registry.local/nope:1"',
+        "since": "2026-11-28T10:10:00Z"}
+    running = conditions(first)["Running"]
+    assert running["reason"] == "ErrImagePull"
+    assert "registry.local/nope:1" in running["message"]
+    assert "fails at 2026-11-28T10:15:00Z" in running["message"]  # the default grace: 300 s
+    # Later (the kubelet backing off), and after an operator restart: the clock runs from the
+    # first sight, kept in status.
+    seen = {**CREATED, **first.patch}
+    later = derive_status(finetunejob(status=seen), job(), [pod(state=pull_error(
+        "ImagePullBackOff"))], NOW + timedelta(seconds=299))
+    assert later.new_phase == "Pending" and not later.stop_job
+    assert later.patch["startError"]["since"] == "2026-11-28T10:10:00Z"
+    assert later.patch["startError"]["reason"] == "ImagePullBackOff"
+    overdue = derive_status(finetunejob(status={**seen, **later.patch}), job(),
+                            [pod(state=pull_error("ImagePullBackOff"))],
+                            NOW + timedelta(seconds=300))
+    assert overdue.patch["phase"] == "Failed" and overdue.stop_job
+    assert overdue.patch["failure"]["reason"] == "ImagePullBackOff"
+    assert "registry.local/nope:1" in overdue.patch["failure"]["message"]
+    assert "300 s" in overdue.patch["failure"]["message"]
+    assert overdue.patch["startError"] is None
+
+
+def test_a_missing_secret_created_within_the_grace_lets_the_job_run():
     waiting = {"waiting": {"reason": "CreateContainerConfigError",
                            "message": 'secret "s3-creds" not found'}}
+    first = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
+    assert first.new_phase == "Pending" and not first.stop_job
+    assert first.patch["startError"]["reason"] == "CreateContainerConfigError"
+    assert 'secret "s3-creds" not found' in conditions(first)["Running"]["message"]
+    started = derive_status(finetunejob(status={**CREATED, **first.patch}), job(active=1),
+                            [pod(phase="Running", state=running_state())],
+                            NOW + timedelta(seconds=20))
+    assert started.new_phase == "Running"
+    assert started.patch["startError"] is None  # merge patch: removed
+
+
+def test_the_start_error_grace_is_the_operators():
+    waiting = {"waiting": {"reason": "CreateContainerConfigError",
+                           "message": 'secret "s3-creds" not found'}}
+    at_once = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW,
+                            config=OperatorConfig(start_error_grace_seconds=0))
+    assert at_once.patch["failure"]["reason"] == "CreateContainerConfigError"
+    assert at_once.stop_job
+    short = OperatorConfig(start_error_grace_seconds=20)
+    first = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW,
+                          config=short)
+    assert "fails at 2026-11-28T10:10:20Z" in conditions(first)["Running"]["message"]
+
+
+def test_an_invalid_image_name_fails_at_once():
+    waiting = {"waiting": {"reason": "InvalidImageName",
+                           "message": 'invalid reference format: "Registry/UPPER:1"'}}
     update = derive_status(finetunejob(status=CREATED), job(), [pod(state=waiting)], NOW)
-    assert update.patch["failure"] == {"reason": "CreateContainerConfigError",
-                                       "message": 'secret "s3-creds" not found'}
+    assert update.patch["failure"]["reason"] == "InvalidImageName"
+    assert update.stop_job
 
 
 def test_ordinary_waiting_is_still_pending():
@@ -336,3 +386,83 @@ def test_a_two_worker_group_stopping_together_is_one_preemption():
     update = derive_status(finetunejob(status=status, resources={"workers": 2}), job(active=0),
                            [], NOW, preempted=[said, said])
     assert update.patch["preemptions"] == 1
+
+
+DISK_PRESSURE = ("The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, "
+                 "available: 9Gi. Container trainer was using 31Gi, request is 20Gi, has larger "
+                 "consumption of ephemeral-storage.")
+RUNNING_STATUS = {**CREATED, "phase": "Running", "startTime": "2026-11-28T10:00:06Z",
+                  "attempts": 1}
+
+
+def evicted(name, at, by_kubelet=True):
+    """A pod the kubelet evicted (its message on the pod) or the Eviction API (on the
+    condition)."""
+    condition = {"type": "DisruptionTarget", "status": "True", "lastTransitionTime": at,
+                 "reason": "TerminationByKubelet" if by_kubelet else "EvictionByEvictionAPI",
+                 "message": "" if by_kubelet else "Eviction API: evicting"}
+    evicted_pod = pod(name=name, phase="Failed", state=terminated_state(137, reason="Error"),
+                      conditions=[condition])
+    if by_kubelet:
+        evicted_pod["status"].update({"reason": "Evicted", "message": DISK_PRESSURE})
+    return evicted_pod
+
+
+def test_each_disruption_is_counted_once_with_its_message_and_retried_up_to_the_limit():
+    first = derive_status(finetunejob(status=RUNNING_STATUS), job(active=0),
+                          [evicted("a", "2026-11-28T10:05:00Z")], NOW)
+    assert first.new_phase == "Running" and not first.stop_job
+    assert first.patch["disruptions"] == 1
+    assert first.patch["lastDisruption"] == {
+        "time": "2026-11-28T10:05:00Z", "pod": "a", "reason": "TerminationByKubelet",
+        "message": DISK_PRESSURE}
+    assert first.notices == [("Warning", "Disrupted",
+                              f"disruption 1: pod a (TerminationByKubelet): {DISK_PRESSURE}")]
+    # Seen again: not counted again.
+    status = {**RUNNING_STATUS, **first.patch}
+    again = derive_status(finetunejob(status=status), job(active=1),
+                          [evicted("a", "2026-11-28T10:05:00Z"),
+                           pod(name="b", phase="Running", state=running_state())], NOW)
+    assert "disruptions" not in again.patch and again.notices == []
+    # An Eviction API eviction (a drain) has its message on the condition; the evicted pod is
+    # gone by the time a later one is seen, but the count is in status.
+    second = derive_status(finetunejob(status=status), job(active=0),
+                           [evicted("b", "2026-11-28T10:08:00Z", by_kubelet=False)], NOW)
+    assert second.new_phase == "Running"
+    assert second.patch["disruptions"] == 2
+    assert second.patch["lastDisruption"]["message"] == "Eviction API: evicting"
+
+
+def test_past_the_limit_a_disrupted_job_fails_evicted_with_the_kubelets_message_and_stops():
+    status = {**RUNNING_STATUS, "disruptions": 1, "lastDisruption": {
+        "time": "2026-11-28T10:05:00Z", "pod": "a", "reason": "TerminationByKubelet",
+        "message": DISK_PRESSURE}}
+    one_allowed = OperatorConfig(max_disruptions=1)
+    update = derive_status(finetunejob(status=status), job(active=0),
+                           [evicted("b", "2026-11-28T10:08:00Z")], NOW, config=one_allowed)
+    assert update.patch["phase"] == "Failed" and update.stop_job
+    assert update.patch["disruptions"] == 2
+    assert update.patch["failure"]["reason"] == "Evicted"
+    assert DISK_PRESSURE in update.patch["failure"]["message"]
+    assert "2 times" in update.patch["failure"]["message"]
+    assert conditions(update)["Failed"]["reason"] == "Evicted"
+    # Within the limit the same observation is a retry.
+    within = derive_status(finetunejob(status=status), job(active=0),
+                           [evicted("b", "2026-11-28T10:08:00Z")], NOW,
+                           config=OperatorConfig(max_disruptions=2))
+    assert within.new_phase == "Running" and not within.stop_job
+
+
+def test_pods_of_a_group_disrupted_in_the_same_second_count_once():
+    update = derive_status(finetunejob(status=RUNNING_STATUS, resources={"workers": 2}),
+                           job(active=0), [evicted("a", "2026-11-28T10:05:00Z"),
+                                           evicted("b", "2026-11-28T10:05:00Z")], NOW)
+    assert update.patch["disruptions"] == 1
+
+
+def test_a_graceful_stop_without_a_disruption_is_not_a_disruption():
+    # kubectl delete pod, a suspend: SIGTERM and exit 11, but no DisruptionTarget condition.
+    stopped = pod(name="a", phase="Failed", state=terminated_state(
+        int(contract.ExitCode.PREEMPTED), contract.termination_message(reason="Preempted")))
+    update = derive_status(finetunejob(status=RUNNING_STATUS), job(active=0), [stopped], NOW)
+    assert "disruptions" not in update.patch
