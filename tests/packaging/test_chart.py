@@ -19,6 +19,9 @@ OPERATOR_ENV = {  # what the operator reads (issue 5)
     "FINETUNE_PUSHGATEWAY_URL", "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS",
     "FINETUNE_WATCH_NAMESPACES", "FINETUNE_OPERATOR_METRICS_PORT", "FINETUNE_OPERATOR_METRICS_ADDR",
     "FINETUNE_LOG_LEVEL", "POD_NAMESPACE", "POD_NAME", "FINETUNE_LEASE_NAME",
+    "FINETUNE_DEFAULT_EPHEMERAL_STORAGE", "FINETUNE_MAX_DISRUPTIONS",
+    "FINETUNE_START_ERROR_GRACE_SECONDS", "FINETUNE_NETWORK_POLICIES",
+    "FINETUNE_METRICS_FROM_NAMESPACES",
 }
 OPTIONAL_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
 
@@ -78,6 +81,11 @@ def test_deployment_runs_the_operator_with_its_configuration(helm, tmp_path):
     assert env["FINETUNE_DEFAULT_GPU_RESOURCE"]["value"] == "nvidia.com/gpu"
     assert env["FINETUNE_PUSHGATEWAY_URL"]["value"] == ""  # off unless set
     assert env["FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"]["value"] == "600"
+    assert env["FINETUNE_DEFAULT_EPHEMERAL_STORAGE"]["value"] == "20Gi"
+    assert env["FINETUNE_MAX_DISRUPTIONS"]["value"] == "3"
+    assert env["FINETUNE_START_ERROR_GRACE_SECONDS"]["value"] == "300"
+    assert env["FINETUNE_NETWORK_POLICIES"]["value"] == "true"
+    assert env["FINETUNE_METRICS_FROM_NAMESPACES"]["value"] == "monitoring"
     assert env["FINETUNE_LEASE_NAME"]["value"] == deployment["metadata"]["name"]
     # Pod selector labels are the Deployment's selector and the Service's.
     selector = spec["selector"]["matchLabels"]
@@ -103,6 +111,15 @@ def test_every_setting_the_chart_passes_is_one_the_operator_reads(helm, tmp_path
         env = env_of(one(render(helm, values, tmp_path), "Deployment"))
         ours = {name for name in env if name.startswith(("FINETUNE_", "POD_"))}
         assert ours <= read, f"the operator does not read {sorted(ours - read)}"
+
+
+def test_trainer_guardrails_reach_the_operator(helm, tmp_path):
+    env = env_of(one(render(helm, FULL_VALUES, tmp_path), "Deployment"))
+    assert env["FINETUNE_DEFAULT_EPHEMERAL_STORAGE"]["value"] == "100Gi"
+    assert env["FINETUNE_MAX_DISRUPTIONS"]["value"] == "0"
+    assert env["FINETUNE_START_ERROR_GRACE_SECONDS"]["value"] == "60"
+    assert env["FINETUNE_NETWORK_POLICIES"]["value"] == "false"
+    assert env["FINETUNE_METRICS_FROM_NAMESPACES"]["value"] == "monitoring,prometheus"
 
 
 def test_operator_pod_is_restricted_by_default(helm, tmp_path):
@@ -269,8 +286,11 @@ def test_rules_and_dashboard_are_the_monitoring_files(helm, tmp_path):
     ({"image": {"digest": "latest"}}, "digest"),
     ({"watchNamespaces": "team-a"}, "watchNamespaces"),
     ({"logLevel": "verbose"}, "logLevel"),
+    ({"trainer": {"ephemeralStorage": "lots"}}, "ephemeralStorage"),
+    ({"networkPolicy": {"enabled": True, "metricsFromNamespaces": ["Monitoring"]}},
+     "metricsFromNamespaces"),
 ], ids=["top-level-typo", "nested-typo", "monitor-typo", "wrong-type", "bad-digest",
-        "namespaces-not-a-list", "unknown-log-level"])
+        "namespaces-not-a-list", "unknown-log-level", "bad-quantity", "bad-namespace"])
 def test_values_schema_rejects_mistakes(helm, tmp_path, values, message):
     result = helm_template(helm, values, tmp_path)
     assert result.returncode != 0, f"{values} was accepted"
