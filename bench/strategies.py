@@ -150,7 +150,9 @@ def subset(pool: list[tuple[str, int]], size: int, seed: int) -> list[int]:
 
 def _init_worker(threads: int) -> None:
     import torch
+    from threadpoolctl import threadpool_limits
     torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)  # numpy/scipy/scikit-learn pools too, as the trainer does
 
 
 def _samples(rows):

@@ -19,10 +19,11 @@ from finetune_trainer.errors import TrainerError
 
 
 def _run(args) -> int:
-    from finetune_trainer import runtime
+    from finetune_trainer import cpus, runtime
     from finetune_trainer.metrics import TrainerMetrics
     from finetune_trainer.preemption import STOP
     STOP.install()  # SIGTERM: checkpoint the current step and exit 11, as in a pod
+    cpus.limit_threads(log=runtime.print_flush)
     try:
         manifest = runtime.read_manifest(args.file)
     except TrainerError as error:

@@ -13,7 +13,7 @@ import torch
 
 from finetune_api import contract
 from finetune_api.contract import ExitCode, termination_message
-from finetune_trainer import distributed, race, train
+from finetune_trainer import cpus, distributed, race, train
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.manifests import read_manifest  # noqa: F401 - part of this module's API
 from finetune_trainer.metrics import TrainerMetrics
@@ -131,6 +131,7 @@ def pod_main(argv: list[str] | None = None) -> int:
                 return report_failure(error, termination_log)
     if world.local_rank != 0:  # one message per pod, from its first process
         termination_log = None
+    cpus.limit_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), log=log)
     # All interfaces unless told otherwise: Prometheus and the operator scrape the pod IP.
     # Each process of a pod serves on its own port: the configured one plus its local rank.
     address = os.environ.get(contract.ENV_METRICS_ADDR) or "0.0.0.0"
