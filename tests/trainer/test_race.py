@@ -165,3 +165,41 @@ def test_a_declared_strategy_runs_alone(tmp_path):
     job = manifest(str(shapes), str(tmp_path / "out"), epochs=1, baseline={"enabled": False})
     report = train.main(job, cache_dir=tmp_path / "cache", log=lambda *_: None)
     assert report["strategy"] == "FineTune" and "leaderboard" not in report
+
+
+def test_early_stopping_waits_for_its_minimum_and_a_restored_stop_stays_stopped():
+    never_better = {"patience": 1, "metric": "ValAccuracy", "minDelta": 1.0}
+    stopping = train.EarlyStopping(never_better, min_epochs=3)
+    evaluation = train.Evaluation(loss=1.0, accuracy=0.5, targets=None, predictions=None)
+    assert [stopping.update(evaluation, epoch) for epoch in (1, 2, 3, 4)] == \
+        [False, False, True, True]
+    assert train.EarlyStopping(never_better).update(evaluation, 1) is False  # first epoch: best
+    assert not train.EarlyStopping(None).says_stop(10)
+
+
+@pytest.mark.parametrize("loser_epochs,planned,floor", [(0, 5, 1), (2, 5, 3), (4, 8, 5),
+                                                        (34, 100, 35), (9, 6, 6)])
+def test_the_finalist_trains_as_long_as_the_rest_of_the_race(loser_epochs, planned, floor):
+    assert race.finalist_min_epochs(loser_epochs, planned) == floor
+    assert race.PROBE_COST_EPOCHS >= 1
+
+
+def test_early_stopping_cannot_make_the_race_cost_more_than_twice_the_finalist(tmp_path):
+    """Early stopping that fires as soon as it may (nothing ever improves by 1.0): without the
+    floor the finalist would stop at its race epochs and the losers and probe would outweigh
+    it. The finalist trains the losers' epochs plus the probe's before it may stop."""
+    shapes = write_three_classes(tmp_path / "shapes", train_per_class=10, val_per_class=4)
+    weights = write_tiny_weights(tmp_path / "pretrained.pt")
+    job = manifest(str(shapes), str(tmp_path / "out"), strategy="Auto", epochs=12,
+                   earlyStopping={"patience": 1, "metric": "ValAccuracy", "minDelta": 1.0},
+                   model={"backbone": "test_efficientnet", "weights": str(weights),
+                          "imageSize": 32})
+    assert runtime.run_job(job, termination_log=None, metrics=TrainerMetrics(),
+                           log=lambda *_: None, cache_dir=tmp_path / "cache") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    summary = report["race"]
+    finalist = next(e for e in report["leaderboard"] if e["outcome"].startswith("finalist"))
+    assert summary["loserEpochs"] >= 2  # the race had losers that trained
+    assert summary["finalistMinEpochs"] == summary["loserEpochs"] + race.PROBE_COST_EPOCHS
+    assert finalist["epochs"] == summary["finalistMinEpochs"]  # stopped at the first chance
+    assert finalist["epochs"] >= summary["loserEpochs"] + race.PROBE_COST_EPOCHS

@@ -7,8 +7,10 @@ successive halving: every candidate trains a few epochs of its own full schedule
 trains further, and the last one continues to its full length from where it is, so no work is
 thrown away. Then the finalist and the probe compare on validation accuracy.
 
-The plan is sized so that the losers' epochs add at most RACE_EXTRA of the finalist's own
-training; the rules of thumb (small data: frozen stages before all layers; far domain: scratch,
+The plan is sized so that the losers' epochs add at most RACE_EXTRA of the finalist's planned
+training, and early stopping may end the finalist only once it has trained as many epochs as
+the rest of the race cost (finalist_min_epochs), so the race costs at most 2x the finalist's own
+training whatever early stopping does; the rules of thumb (small data: frozen stages before all layers; far domain: scratch,
 early) set the order of the candidates, which decides ties and which candidates are left out when the budget is
 too small for all of them, never the answer. This module holds the pure parts (candidates, plan,
 leaderboard, reason); train.auto_race runs it.
@@ -20,10 +22,15 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-# Losers' epochs, as a fraction of the finalist's planned epochs: the race costs 1 + this (plus
-# the probe) times the finalist's own training, and, the probe aside, at most 2x as long as early
-# stopping leaves the finalist at least half of its planned epochs.
+# Losers' epochs, as a fraction of the finalist's planned epochs: with the probe, the race then
+# costs about 1.5x the finalist's planned training, and the floor below keeps it under 2x when
+# early stopping ends the finalist sooner.
 RACE_EXTRA = 0.5
+# The linear probe's cost counted in epochs of a fine-tune on the same images: one forward pass
+# over the training and validation images (about a third of a training epoch) and six
+# logistic-regression fits, which take under a second up to a few thousand images once the BLAS
+# pools match the CPUs (cpus.py). Measured on 2 CPUs at 64 px: 0.3-0.5 epochs (docs/strategies.md).
+PROBE_COST_EPOCHS = 1
 # A rung ends no sooner than this many optimizer steps: after one or two epochs of a small
 # dataset the ranking measures how fast a candidate starts, not where it ends (the first study
 # run, with rungs of 15 and 30 steps, dropped at digits 500 the candidate that was best there).
@@ -114,6 +121,15 @@ def race_plan(candidate_count: int, epochs: int, *, steps_per_epoch: int = 1,
         if plan.loser_epochs() <= extra * epochs:
             return plan
     return RacePlan(1, ())
+
+
+def finalist_min_epochs(loser_epochs: int, planned_epochs: int) -> int:
+    """Epochs the finalist trains before early stopping may end it: as many as the rest of the
+    race cost (the losers' epochs and the probe's), so that everything the race trained is at
+    most twice the finalist's own training. Counted in epochs, not seconds, so the same seed
+    trains the same epochs on any machine. Training past the point early stopping would have
+    picked costs compute, not accuracy: the best epoch's weights are still the ones kept."""
+    return min(planned_epochs, loser_epochs + PROBE_COST_EPOCHS)
 
 
 def leaderboard_entry(name: str, strategy: str, *, val_accuracy: float, epochs: int, steps: int,

@@ -228,15 +228,18 @@ class TrainingResult:
 
 
 class EarlyStopping:
-    """Counts epochs without improvement of the watched metric by more than min_delta."""
+    """Counts epochs without improvement of the watched metric by more than min_delta; says stop
+    after `patience` of them, but not before `min_epochs` epochs (Auto's finalist:
+    race.finalist_min_epochs)."""
 
-    def __init__(self, settings: dict | None):
+    def __init__(self, settings: dict | None, min_epochs: int = 0):
         self.settings = settings
+        self.min_epochs = min_epochs
         self.best: float | None = None
         self.bad_epochs = 0
 
-    def update(self, evaluation: Evaluation) -> bool:
-        """Record an epoch; True when training should stop."""
+    def update(self, evaluation: Evaluation, epoch: int) -> bool:
+        """Record epoch `epoch` (counted from 1); True when training should stop."""
         if not self.settings:
             return False
         value = evaluation.accuracy if self.settings["metric"] == "ValAccuracy" else -evaluation.loss
@@ -244,7 +247,11 @@ class EarlyStopping:
             self.best, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
-        return self.bad_epochs >= self.settings["patience"]
+        return self.says_stop(epoch)
+
+    def says_stop(self, epochs_done: int) -> bool:
+        return (bool(self.settings) and self.bad_epochs >= self.settings["patience"]
+                and epochs_done >= self.min_epochs)
 
 
 def _better(evaluation: Evaluation, best: Evaluation | None) -> bool:
@@ -322,6 +329,8 @@ class FineTuneRun:
                                    targets=None, predictions=None)
         self.result.train_seconds = state["trainSeconds"]
         self.early_stopping.best, self.early_stopping.bad_epochs = state["earlyStopping"]
+        # A checkpoint written where early stopping ended the run: it stays ended.
+        self.stopped = self.early_stopping.says_stop(self.epochs_done)
         self.step_in_epoch = state.get("stepInEpoch", 0)
         partial = state.get("partialEpoch")
         self.partial_epoch = EpochStats(**partial) if partial else None
@@ -387,8 +396,14 @@ class FineTuneRun:
             f"{evaluation.loss:.4f}  val accuracy {evaluation.accuracy:.4f}  "
             f"{stats.images_per_second:.1f} images/s")
         result.final = evaluation
-        self.stopped = distributed.broadcast_value(world, self.early_stopping.update(evaluation))
+        self.stopped = distributed.broadcast_value(
+            world, self.early_stopping.update(evaluation, epoch + 1))
         return self.stopped
+
+    def train_at_least(self, epochs: int) -> None:
+        """Early stopping may end this run only after `epochs` epochs."""
+        self.early_stopping.min_epochs = min(epochs, self.epochs)
+        self.stopped = self.early_stopping.says_stop(self.epochs_done)
 
     def finish(self) -> TrainingResult:
         """The result, with the best epoch's weights put back when early stopping keeps them."""
@@ -617,6 +632,8 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
                 f"{c.name} {r.result.best_val_accuracy:.3f}" for c, r in alive))
             alive = alive[:kept]
     finalist, finalist_run = alive[0]
+    finalist_run.train_at_least(race.finalist_min_epochs(
+        sum(loser["epochs"] for loser in losers), epochs))
     result = fine_tune(finalist_run.model, finalist_run.loaders, finalist_run.spec, run,
                        strategy=finalist.strategy, reason=f"Auto race finalist {finalist.name}",
                        checkpoints=checkpoints, classes=classes, metrics=metrics, log=log,
@@ -641,7 +658,8 @@ def auto_race(model: nn.Module, loaders: Loaders, spec: dict, run: Device, *, da
                "rungs": [{"epochs": e, "kept": k} for e, k in plan.rungs],
                "farFromPretraining": far, "finalist": finalist.name,
                "raceSeconds": race_seconds, "finalistSeconds": result.train_seconds,
-               "costRatio": cost_ratio, "loserEpochs": sum(e["epochs"] for e in losers)}
+               "costRatio": cost_ratio, "loserEpochs": sum(e["epochs"] for e in losers),
+               "finalistMinEpochs": finalist_run.early_stopping.min_epochs}
     if probe_won:
         return AutoOutcome(probe_model, probe_result, "LinearProbe", reason, board, summary)
     return AutoOutcome(finalist_run.model, result, finalist.strategy, reason, board, summary)
