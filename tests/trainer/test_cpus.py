@@ -1,5 +1,6 @@
 """The trainer sizes its thread pools by the pod's CPUs, not the node's."""
 
+import os
 import subprocess
 import sys
 
@@ -34,20 +35,28 @@ def test_cgroup_v1_quota(tmp_path):
     assert cpus.cgroup_cpu_limit(tmp_path) is None
 
 
-def test_limit_threads_sizes_torch_and_the_blas_pools():
-    # A fresh interpreter: the limits are process-wide and would leak into other tests.
+def test_limit_threads_sizes_torch_and_the_blas_pools_to_the_cgroup_limit(tmp_path):
+    """A container limited to one CPU on this (multi-core) machine: torch's pool and every
+    OpenMP/BLAS pool, including those of libraries loaded afterwards, get one thread."""
+    _cgroup_v2(tmp_path, "100000 100000")
     program = (
-        "import os; from finetune_trainer import cpus\n"
-        "from threadpoolctl import threadpool_info; import numpy, sklearn.linear_model, torch\n"
+        "import sys; from pathlib import Path; from finetune_trainer import cpus\n"
+        "cpus.CGROUP = Path(sys.argv[1])\n"
         "cpus.limit_threads(log=lambda *a: None)\n"
+        "# scipy's and scikit-learn's pools load after the limit, as in the trainer\n"
+        "from threadpoolctl import threadpool_info; import scipy.linalg, sklearn.linear_model\n"
+        "import torch\n"
         "print(torch.get_num_threads(), sorted({p['num_threads'] for p in threadpool_info()}))\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
-                         text=True, check=True).stdout.split(maxsplit=1)
-    expected = cpus.cpu_budget()
-    assert int(out[0]) == expected
-    assert out[1].strip() == f"[{expected}]"
-    explicit = subprocess.run([sys.executable, "-c", program],
+    run = subprocess.run([sys.executable, "-c", program, str(tmp_path)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert run.split(maxsplit=1) == ["1", "[1]\n"]
+    unlimited = subprocess.run(
+        [sys.executable, "-c", program.replace("cpus.limit_threads", "0 and cpus.limit_threads"),
+         str(tmp_path)], env=env, capture_output=True, text=True, check=True).stdout
+    if len(os.sched_getaffinity(0)) > 1:  # without the limit the pools would be larger
+        assert unlimited.split(maxsplit=1) != ["1", "[1]\n"]
+    explicit = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none")],
                               env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, check=True).stdout.split(maxsplit=1)
-    assert explicit == ["1", "[1]\n"]
+                              text=True, check=True).stdout
+    assert explicit.split(maxsplit=1) == ["1", "[1]\n"]

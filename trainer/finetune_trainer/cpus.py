@@ -17,8 +17,9 @@ from pathlib import Path
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
+def cgroup_cpu_limit(root: Path | None = None) -> float | None:
     """The container's CPU limit in CPUs (cgroup v2 `cpu.max`, else v1 CFS quota), or None."""
+    root = root or CGROUP
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
@@ -34,7 +35,7 @@ def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
     return None
 
 
-def cpu_budget(*, processes: int = 1, root: Path = CGROUP,
+def cpu_budget(*, processes: int = 1, root: Path | None = None,
                affinity: set[int] | None = None) -> int:
     """Threads per process: the CPUs this process may run on (affinity), capped by the
     container's CPU limit rounded up, shared by the `processes` of the pod, at least one."""
@@ -54,6 +55,10 @@ def limit_threads(*, processes: int = 1, log=print) -> int:
     explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = int(explicit) if explicit.isdigit() and int(explicit) > 0 else \
         cpu_budget(processes=processes)
+    # Pools of libraries loaded later (scipy's OpenBLAS, scikit-learn's OpenMP) read these when
+    # they load; threadpool_limits resizes the pools loaded already (torch's, numpy's).
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
     torch.set_num_threads(threads)
     threadpool_limits(limits=threads)  # applies now and stays (not used as a context manager)
     log(f"CPU threads per process: {threads}"
