@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from finetune_api.schema import QUANTITY_PATTERN
+from finetune_api.tenancy import TenancyPolicy
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
 NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -82,6 +83,9 @@ class OperatorConfig:
     # operator's own), a multi-worker job's pods open to each other.
     network_policies: bool = True
     metrics_from_namespaces: tuple[str, ...] = ()
+    # What tenants may choose for their trainer pods (the chart's `tenancy` values, as JSON).
+    tenancy: TenancyPolicy = field(default_factory=lambda: TenancyPolicy.from_json(
+        "", default_image=DEFAULT_TRAINER_IMAGE))
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @classmethod
@@ -100,8 +104,15 @@ class OperatorConfig:
         if not re.match(QUANTITY_PATTERN, ephemeral_storage):
             raise ConfigError(f"FINETUNE_DEFAULT_EPHEMERAL_STORAGE: {ephemeral_storage!r} is not "
                               "a quantity such as 20Gi")
+        trainer_image = env.get("FINETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE
+        try:
+            tenancy = TenancyPolicy.from_json(env.get("FINETUNE_TENANCY_POLICY", ""),
+                                              default_image=trainer_image)
+        except ValueError as error:  # json.JSONDecodeError is one
+            raise ConfigError(f"FINETUNE_TENANCY_POLICY: {error}") from None
         return cls(
-            trainer_image=env.get("FINETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
+            trainer_image=trainer_image,
+            tenancy=tenancy,
             default_s3_endpoint=endpoint,
             default_gpu_resource=(env.get("FINETUNE_DEFAULT_GPU_RESOURCE", "").strip()
                                   or "nvidia.com/gpu"),

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from kubernetes.client.rest import ApiException
 
-from finetune_api import contract
+from finetune_api import contract, tenancy
 from finetune_api.validation import SpecError, validate_spec
 
 from finetune_operator import builders, metrics
@@ -113,6 +113,11 @@ class Reconciler:
             self._fail_invalid(finetunejob, error.problems, now)
             return
         conditions = validity_conditions(finetunejob, [], now)
+        if not status.get("jobName"):  # before anything is created for it
+            forbidden = tenancy.violations(finetunejob["spec"], self.config.tenancy)
+            if forbidden:
+                self._fail(finetunejob, "PolicyViolation", "; ".join(forbidden), now, conditions)
+                return
 
         try:
             configmap, _ = self.kube.create_or_adopt(builders.build_spec_configmap(finetunejob),

@@ -56,7 +56,8 @@ def test_default_render_is_the_operator_and_nothing_optional(helm, tmp_path):
     objects = render(helm, None, tmp_path)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
-                            "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment"])
+                            "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",
+                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
     assert not OPTIONAL_KINDS & set(kinds)
     # Optional fields left empty must render nothing, not `null` or "".
     for obj in objects:

@@ -87,3 +87,20 @@ by helm/sync_chart_files.py (a test fails when they drift). Usage:
 {{- end -}}
 {{- toYaml $rules -}}
 {{- end }}
+
+{{/*
+The tenancy policy as the operator and the ValidatingAdmissionPolicy apply it: the `tenancy`
+values with allowedImages defaulting to the trainer image's repository. Usage:
+  include "finetune-operator.tenancy" . | fromJson
+*/}}
+{{- define "finetune-operator.tenancy" -}}
+{{- $images := .Values.tenancy.allowedImages | default (list .Values.trainer.image.repository) -}}
+{{- toJson (merge (dict "allowedImages" $images) (omit .Values.tenancy "allowedImages")) -}}
+{{- end }}
+
+{{/*
+A list as one CEL string literal, "a, b", or "none" when empty (the tenancy policy's messages).
+*/}}
+{{- define "finetune-operator.listed" -}}
+{{- . | join ", " | default "none" | toJson -}}
+{{- end }}
