@@ -114,26 +114,18 @@ def build_network_policies(finetunejob: Manifest, config: OperatorConfig) -> lis
     trainer_pods = {"matchLabels": selector_labels(meta["name"])}
     namespaces = sorted({config.pod_namespace, *config.metrics_from_namespaces})
     metrics_port = (spec.get("metrics") or {}).get("port", DEFAULT_METRICS_PORT)
-    policies = [_network_policy(finetunejob, metrics_network_policy_name(meta["name"]), {
+    rules = {metrics_network_policy_name(meta["name"]): {
         "from": [{"namespaceSelector": {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]}}],
-        "ports": [{"protocol": "TCP", "port": metrics_port}]})]
+        "ports": [{"protocol": "TCP", "port": metrics_port}]}}
     if worker_count(spec) > 1:
         # Every port, not only the rendezvous: gloo and NCCL connect the ranks on ephemeral
         # ports that cannot be pinned.
-        policies.append(_network_policy(finetunejob, peers_network_policy_name(meta["name"]),
-                                        {"from": [{"podSelector": trainer_pods}]}))
-    return policies
-
-
-def _network_policy(finetunejob: Manifest, name: str, ingress_rule: dict[str, Any]) -> Manifest:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": owned_child_metadata(finetunejob, name),
-        "spec": {"podSelector": {"matchLabels": selector_labels(finetunejob["metadata"]["name"])},
-                 "policyTypes": ["Ingress"], "ingress": [ingress_rule]},
-    }
+        rules[peers_network_policy_name(meta["name"])] = {"from": [{"podSelector": trainer_pods}]}
+    return [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": owned_child_metadata(finetunejob, name),
+             "spec": {"podSelector": trainer_pods, "policyTypes": ["Ingress"], "ingress": [rule]}}
+            for name, rule in rules.items()]
 
 
 def spec_configmap_name(finetunejob_name: str) -> str:
