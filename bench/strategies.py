@@ -149,10 +149,14 @@ def subset(pool: list[tuple[str, int]], size: int, seed: int) -> list[int]:
 # ---- one measurement per task (run in worker processes) -------------------------------------
 
 def _init_worker(threads: int) -> None:
+    # One thread per run for torch and the OpenMP/BLAS pools, as the trainer does in a pod
+    # (cpus.limit_threads): the variables reach the libraries loaded later (scipy, scikit-learn).
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
     import torch
     from threadpoolctl import threadpool_limits
     torch.set_num_threads(threads)
-    threadpool_limits(limits=threads)  # numpy/scipy/scikit-learn pools too, as the trainer does
+    threadpool_limits(limits=threads)
 
 
 def _samples(rows):
