@@ -61,3 +61,23 @@ def test_rolebinding_names_the_charts_edit_role(built, helm, tmp_path):
     names = {o["metadata"]["name"] for o in find(chart, "ClusterRole")}
     assert binding["roleRef"]["kind"] == "ClusterRole"
     assert binding["roleRef"]["name"] in names
+
+
+def test_the_platform_values_are_the_charts_defaults_and_pass_the_tenants_job(built, helm,
+                                                                              tmp_path):
+    """operator-values.yaml renders (strict schema), spells out the chart's tenancy defaults, and
+    the example FineTuneJob passes the policy it installs."""
+    from finetune_api.tenancy import TenancyPolicy, violations
+
+    platform = yaml.safe_load((TENANT / "operator-values.yaml").read_text())
+    defaults = yaml.safe_load((REPO / "helm" / "finetune-operator" / "values.yaml").read_text())
+    assert platform["tenancy"] == defaults["tenancy"]
+    chart = render(helm, platform, tmp_path)
+    assert find(chart, "ValidatingAdmissionPolicy")
+    env = {e["name"]: e.get("value", "") for e in one(chart, "Deployment")["spec"]["template"][
+        "spec"]["containers"][0]["env"]}
+    policy = TenancyPolicy.from_json(env["FINETUNE_TENANCY_POLICY"],
+                                     default_image=env["FINETUNE_TRAINER_IMAGE"])
+    assert violations(validate_manifest(one(built, "FineTuneJob")), policy) == []
+    namespace = one(built, "Namespace")["metadata"]["name"]
+    assert platform["watchNamespaces"] == [namespace]
