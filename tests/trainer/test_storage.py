@@ -48,6 +48,15 @@ def test_put_get_list_delete(store, s3_bucket):
     assert [o.key for o in store.list(base)] == ["a/1.bin"]
 
 
+def test_create_bytes_writes_only_where_nothing_is(store, s3_bucket):
+    # versitygw (posix backend) honours If-None-Match: * on PutObject, answering 412
+    # PreconditionFailed, so the first claim stays; a server that ignored it would overwrite.
+    uri = f"s3://{s3_bucket}/out/.claim"
+    assert store.create_bytes(uri, b"first") is True
+    assert store.create_bytes(uri, b"second") is False
+    assert store.read_bytes(uri) == b"first"
+
+
 def test_list_paginates(aws_env, s3_bucket, s3_server):
     client = s3_server.client()
     keys = [f"p/{i:03d}.txt" for i in range(23)]

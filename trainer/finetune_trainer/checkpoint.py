@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-from finetune_trainer.storage import join_uri
+from finetune_trainer.storage import join_uri, sha256_file
 
 POINTER_NAME = "latest.json"
 # Spec fields whose change makes an old checkpoint meaningless for the new run.
 TRAINING_FIELDS = ("dataset", "model", "strategy", "linearProbe", "freeze", "optimizer",
                    "schedule", "epochs", "batchSize", "augmentation", "labelSmoothing", "seed")
-_HASH_CHUNK_BYTES = 1024 * 1024
 
 
 def job_identity(metadata: Mapping, spec: Mapping) -> dict:
@@ -91,14 +90,6 @@ def torch_load_problem(error: Exception) -> str:
     return detail[:300] or type(error).__name__
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class LoadedCheckpoint:
     state: dict
@@ -131,7 +122,7 @@ class Checkpoints:
         with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
             path = Path(scratch) / name
             torch.save(dict(state), path)
-            entry = {"file": name, "epoch": epoch, "step": step, "sha256": _sha256(path),
+            entry = {"file": name, "epoch": epoch, "step": step, "sha256": sha256_file(path),
                      "bytes": path.stat().st_size}
             self.store.upload_file(path, uri)
         entry["time"] = datetime.now(timezone.utc).isoformat()
@@ -166,7 +157,7 @@ class Checkpoints:
                 except Exception as error:  # noqa: BLE001 - fall back to the previous checkpoint
                     self.log(f"checkpoint {uri} unreadable ({error}); trying the previous one")
                     continue
-                if _sha256(path) != entry["sha256"]:
+                if sha256_file(path) != entry["sha256"]:
                     self.log(f"checkpoint {uri} does not match its checksum; trying the previous "
                              "one")
                     continue

@@ -115,6 +115,14 @@ def local_etag(path: Path, chunk_bytes: int = MULTIPART_CHUNK_BYTES) -> str:
     return f"{hashlib.md5(b''.join(part_digests)).hexdigest()}-{len(part_digests)}"
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def error_from_client_error(error: Exception, uri: str, *, field: str | None = None,
                             operation: str = "access") -> TrainerError:
     """Map a botocore ClientError to the TrainerError a user can act on."""
@@ -139,6 +147,10 @@ def error_from_client_error(error: Exception, uri: str, *, field: str | None = N
         return _transient(uri, operation, code or status, detail, field)
     return TrainerError(ExitCode.FAILED, f"S3 refused to {operation} {uri} ({code}: {detail})",
                         field)
+
+
+def _error_code(error: Exception) -> str:
+    return str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
 
 
 def _transient(uri: str, operation: str, code, detail: str, field: str | None) -> TrainerError:
@@ -318,6 +330,32 @@ class ObjectStore:
         except Exception as error:
             raise _local_error(error, uri, field, "write") from error
 
+    def create_bytes(self, uri: str, data: bytes, *, field: str | None = None) -> bool:
+        """Write `data` only where no object exists yet: True when written, False when one was
+        there. S3: a conditional PUT (If-None-Match: *). A server that ignores the condition
+        overwrites instead and answers True: callers that must know read the object back."""
+        if is_s3_uri(uri):
+            bucket, key = split_s3_uri(uri)
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except Exception as error:
+                # 409 ConditionalRequestConflict: another conditional write of the key is in
+                # flight; its writer owns it.
+                if _error_code(error) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise _translate(error, uri, field, "write") from error
+            self.stats.add(puts=1, bytes_uploaded=len(data))
+            return True
+        path = local_path(uri)
+        try:
+            with _atomic_local_file(path, replace=False) as file:
+                file.write(data)
+        except FileExistsError:
+            return False
+        except Exception as error:
+            raise _local_error(error, uri, field, "write") from error
+        return True
+
     def _transfer_config(self):
         """Multipart above one part's size, parts in parallel, at most `max_concurrency` parts
         in memory at once."""
@@ -429,10 +467,13 @@ def _local_error(error: Exception, uri: str, field: str | None, operation: str) 
 
 
 class _atomic_local_file:
-    """Write to a temporary file next to `path` and rename it over `path` on success."""
+    """Write to a temporary file next to `path` and rename it over `path` on success. With
+    replace=False an existing `path` is kept and FileExistsError raised (a hard link, unlike a
+    rename, refuses to replace)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, replace: bool = True):
         self.path = Path(path)
+        self.replace = replace
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,9 +484,13 @@ class _atomic_local_file:
 
     def __exit__(self, exc_type, exc, traceback):
         self.file.close()
-        if exc_type is None:
+        if exc_type is None and self.replace:
             os.replace(self.tmp_name, self.path)
-        else:
+            return False
+        try:
+            if exc_type is None:
+                os.link(self.tmp_name, self.path)
+        finally:
             os.unlink(self.tmp_name)
         return False
 
