@@ -3,6 +3,7 @@ removed before anything is overwritten; a model that cannot be traced is recorde
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -47,6 +48,9 @@ def test_report_is_written_last_and_replaces_an_old_one(tmp_path):
     assert stored["status"] == "Succeeded" and "old" not in stored and stored["nan"] is None
     assert stored["torchscript"]["exported"] is True
     assert outputs["reportUri"] == str(tmp_path / "report.json")
+    assert stored["outputs"]["sha256"] == {
+        name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        for name in ("model.safetensors", "model.torchscript.pt", "labels.json", "training.png")}
 
 
 def test_a_failed_torchscript_export_is_recorded_in_the_report(tmp_path):

@@ -8,11 +8,13 @@
 
 A reader treats the outputs as complete only when report.json exists with status Succeeded. A
 re-run deletes the old report.json before it overwrites anything, so an old marker never vouches
-for new, half-written files.
+for new, half-written files. report.json's outputs.sha256 holds the SHA-256 of each file it
+vouches for, computed from the bytes uploaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -29,7 +31,7 @@ from torch import nn
 
 from finetune_trainer.plots import render_report_png
 from finetune_trainer.preprocessing import Preprocessing
-from finetune_trainer.storage import join_uri
+from finetune_trainer.storage import join_uri, sha256_file
 
 MODEL_FILE = "model.safetensors"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
@@ -92,12 +94,22 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
     metadata = {"classes": json.dumps(classes), "imageSize": str(preprocessing.input_size),
                 "preprocessing": json.dumps(preprocessing.describe())}
+    sha256 = {}  # file name -> hex digest, of every file report.json vouches for
+
+    def put(name: str, data: bytes) -> str:
+        uri = join_uri(output_uri, name)
+        store.write_bytes(uri, data)
+        sha256[name] = hashlib.sha256(data).hexdigest()
+        return uri
+
     model_uri = join_uri(output_uri, MODEL_FILE)
     with tempfile.TemporaryDirectory(prefix="model-") as scratch:  # streamed, not held twice
-        safetensors.torch.save_file(state, Path(scratch) / MODEL_FILE, metadata=metadata)
-        store.upload_file(Path(scratch) / MODEL_FILE, model_uri)
+        model_path = Path(scratch) / MODEL_FILE
+        safetensors.torch.save_file(state, model_path, metadata=metadata)
+        store.upload_file(model_path, model_uri)
+        sha256[MODEL_FILE] = sha256_file(model_path)
     outputs = {"modelUri": model_uri, "labelsUri": join_uri(output_uri, LABELS_FILE),
-               "reportUri": report_uri, "torchscriptUri": None}
+               "reportUri": report_uri, "torchscriptUri": None, "sha256": sha256}
     try:
         scripted = torchscript_bytes(model, preprocessing)
     except Exception as error:  # noqa: BLE001 - some architectures do not trace; not fatal
@@ -105,16 +117,14 @@ def write_outputs(store, output_uri: str, model: nn.Module, *, classes: list[str
                                  "error": f"{type(error).__name__}: {error}"[:500]}
         log(f"TorchScript export failed, recorded in the report: {type(error).__name__}")
     else:
-        outputs["torchscriptUri"] = join_uri(output_uri, TORCHSCRIPT_FILE)
-        store.write_bytes(outputs["torchscriptUri"], scripted)
+        outputs["torchscriptUri"] = put(TORCHSCRIPT_FILE, scripted)
         report["torchscript"] = {"exported": True, "method": "torch.jit.trace",
                                  "input": "RGB 0-255, N x 3 x inputSize x inputSize, resized and "
                                           "cropped as in `preprocessing`"}
-    store.write_bytes(outputs["labelsUri"], json.dumps(classes, indent=1).encode())
+    put(LABELS_FILE, json.dumps(classes, indent=1).encode())
     report["outputs"] = outputs
     try:  # a picture is not worth a finished training run
-        outputs["plotUri"] = join_uri(output_uri, PLOT_FILE)
-        store.write_bytes(outputs["plotUri"], render_report_png(_plain(report)))
+        outputs["plotUri"] = put(PLOT_FILE, render_report_png(_plain(report)))
         log(f"training curves {outputs['plotUri']}")
     except Exception as error:  # noqa: BLE001
         outputs["plotUri"] = None
