@@ -38,13 +38,17 @@ def free_port() -> int:
 
 
 class VersityGateway:
+    """iam=True runs versitygw's internal IAM: the access key given is the root account, and
+    `create_user` adds others, which see only what bucket policies grant them."""
+
     def __init__(self, binary: str | None = None, *, access_key: str = ACCESS_KEY,
-                 secret_key: str = SECRET_KEY):
+                 secret_key: str = SECRET_KEY, iam: bool = False):
         self.binary = binary or versitygw_binary()
         if not self.binary:
             raise FileNotFoundError(f"versitygw not found on PATH or in {BIN_DIR}")
         self.access_key = access_key
         self.secret_key = secret_key
+        self.iam = iam
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.region = REGION
@@ -55,10 +59,11 @@ class VersityGateway:
         self.workdir = Path(tempfile.mkdtemp(prefix="versitygw-"))
         (self.workdir / "root").mkdir()
         self.log_path = self.workdir / "versitygw.log"
+        iam = ["--iam-dir", str(self.workdir)] if self.iam else []
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [self.binary, "--port", f"127.0.0.1:{self.port}", "--access", self.access_key,
-                 "--secret", self.secret_key, "--region", self.region, "--quiet",
+                 "--secret", self.secret_key, "--region", self.region, "--quiet", *iam,
                  "posix", str(self.workdir / "root")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -75,6 +80,12 @@ class VersityGateway:
                 time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"versitygw did not answer on {self.endpoint} within {timeout}s")
+
+    def create_user(self, access_key: str, secret_key: str, role: str = "user") -> None:
+        subprocess.run([self.binary, "admin", "--access", self.access_key, "--secret",
+                        self.secret_key, "--endpoint-url", self.endpoint, "create-user",
+                        "--access", access_key, "--secret", secret_key, "--role", role],
+                       check=True, capture_output=True, timeout=30)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     ACCESS_DENIED = 4  # credentials refused, bucket missing: do not retry
     INVALID_MODEL = 5  # unknown backbone, weights that do not fit: do not retry
     OUT_OF_MEMORY = 6  # the same spec would run out of memory again: do not retry
+    OUTPUT_IN_USE = 7  # another FineTuneJob owns spec.output.uri: do not retry
     TRANSIENT = 10  # endpoint unreachable, throttled, timed out: retried
     # SIGTERM (preemption, eviction, drain, suspend): stopped at a step and checkpointed it;
     # retried without counting against backoffLimit.
@@ -36,7 +37,8 @@ class ExitCode(enum.IntEnum):
             ExitCode.SUCCEEDED: "Succeeded", ExitCode.FAILED: "TrainerCrashed",
             ExitCode.INVALID_SPEC: "InvalidSpec", ExitCode.INVALID_DATA: "InvalidData",
             ExitCode.ACCESS_DENIED: "AccessDenied", ExitCode.INVALID_MODEL: "InvalidModel",
-            ExitCode.OUT_OF_MEMORY: "OutOfMemory", ExitCode.TRANSIENT: "TransientError",
+            ExitCode.OUT_OF_MEMORY: "OutOfMemory", ExitCode.OUTPUT_IN_USE: "OutputInUse",
+            ExitCode.TRANSIENT: "TransientError",
             ExitCode.PREEMPTED: "Preempted",
         }[self]
 

@@ -130,6 +130,25 @@ def test_do_not_retry_exit_code_fails_with_the_trainers_cause():
     assert update.event[0] == "Warning"
 
 
+def test_an_output_another_job_owns_fails_at_once_as_output_in_use():
+    code = int(contract.ExitCode.OUTPUT_IN_USE)
+    assert code in contract.NON_RETRYABLE_EXIT_CODES  # podFailurePolicy: FailJob, no retry
+    said = contract.termination_message(
+        reason="OutputInUse", field="spec.output.uri",
+        message="s3://out/ belongs to FineTuneJob team-a/flowers (uid u-1)")
+    for message in (said, ""):  # the reason also follows from the exit code alone
+        failed = pod(phase="Failed", state=terminated_state(code, message))
+        update = derive_status(
+            finetunejob(status={**CREATED, "phase": "Running"}),
+            job(conditions=[job_condition("Failed", "PodFailurePolicy")], failed=1), [failed],
+            NOW)
+        assert update.patch["phase"] == "Failed"
+        assert update.patch["failure"]["reason"] == "OutputInUse"
+        assert conditions(update)["Failed"]["reason"] == "OutputInUse"
+        if message:
+            assert "team-a/flowers (uid u-1)" in update.patch["failure"]["message"]
+
+
 def test_failure_target_counts_as_failed_before_the_pods_are_gone():
     failed = pod(phase="Failed", state=terminated_state(4, contract.termination_message(
         reason="AccessDenied", message="bucket datasets: access denied")))

@@ -196,8 +196,9 @@ def test_killed_trainer_resumes_from_its_checkpoint(s3, tmp_path):
 def bad_input_cases(bucket):
     good = f"s3://{bucket}/shapes/"
     return {
+        # The output is checked first: the trainer writes it through the same endpoint.
         "unreachable endpoint": ({"dataset": {"uri": good, "s3": {"endpoint": "http://127.0.0.1:9"}}},
-                                 ExitCode.TRANSIENT, "spec.dataset.uri"),
+                                 ExitCode.TRANSIENT, "spec.output.uri"),
         "missing bucket": ({"dataset": {"uri": "s3://no-such-bucket-x1/shapes/"}},
                            ExitCode.ACCESS_DENIED, "spec.dataset.uri"),
         "access denied": ({}, ExitCode.ACCESS_DENIED, "spec.dataset.s3.credentialsSecret"),

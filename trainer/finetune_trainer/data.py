@@ -14,6 +14,7 @@ import random
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +99,12 @@ def image_pixel_limit(image_size: int | None) -> int:
 
 def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
                     store: ObjectStore | None = None, max_workers: int = 16,
-                    image_size: int | None = None) -> PreparedDataset:
+                    image_size: int | None = None,
+                    check_size: Callable[[int], None] | None = None) -> PreparedDataset:
     """Find, fetch, check and split the dataset that spec.dataset describes. `image_size`
-    (spec.model.imageSize as resolved) sets the largest image accepted; without it the floor."""
+    (spec.model.imageSize as resolved) sets the largest image accepted; without it the floor.
+    `check_size` gets the bytes of the S3 images the listing names before any is downloaded
+    (local files are read where they are), and raises when they cannot fit."""
     spec = apply_defaults(dataset_spec, dataset_schema())
     store = store or open_store(spec.get("s3"))
     uri = spec["uri"]
@@ -117,6 +121,8 @@ def prepare_dataset(dataset_spec: dict, *, seed: int, cache_dir: Path,
     has_val_split = any(c.split == "val" for c in candidates)
     _check_counts(candidates, classes, spec["minImagesPerClass"], has_val_split,
                   after_checks=False)
+    if check_size and is_s3_uri(uri):
+        check_size(sum(candidate.info.size for candidate in candidates))
 
     local_paths, transfer = _fetch_and_verify(candidates, store, uri, cache_dir, max_workers,
                                               image_pixel_limit(image_size))

@@ -32,7 +32,8 @@ from finetune_trainer.errors import TrainerError
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.models import build_model
 from finetune_trainer.preemption import STOP, Preempted
-from finetune_trainer.preflight import check_preflight
+from finetune_trainer.preflight import (check_output, check_preflight, dataset_size_check,
+                                         output_owner)
 from finetune_trainer.preprocessing import Preprocessing, build_transform, resolve_preprocessing
 from finetune_trainer.report import classification_summary, write_outputs
 from finetune_trainer.storage import open_store
@@ -721,6 +722,8 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
     metrics = metrics or TrainerMetrics()
     identity = job_identity(metadata, spec)
     store = open_store(spec["dataset"].get("s3"))
+    if world.is_main:
+        check_output(store, spec["output"]["uri"], output_owner(metadata), log=log)
     seed_everything(spec["seed"])
     run = pick_device(spec["precision"], spec["channelsLast"])
     if gpu is not None:
@@ -733,7 +736,8 @@ def main(manifest: dict, *, output_uri: str | None = None, epochs: int | None = 
         distributed.barrier(world)
     dataset = prepare_dataset(spec["dataset"], seed=spec["seed"],
                               cache_dir=cache_dir or Path.home() / ".cache" / "finetune",
-                              store=store, image_size=preprocessing.input_size)
+                              store=store, image_size=preprocessing.input_size,
+                              check_size=dataset_size_check(spec["model"]))
     data_seconds = time.perf_counter() - started
     strategy, reason = choose_strategy(spec["strategy"], weights=spec["model"]["weights"])
     log(f"{len(dataset.train)} training and {len(dataset.val)} validation images in "
