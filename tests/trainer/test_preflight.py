@@ -57,6 +57,20 @@ def test_a_second_job_is_refused_and_the_first_keeps_its_claim(tmp_path):
     assert (tmp_path / "out" / OWNER_FILE).read_text() == claimed
 
 
+def test_a_job_applied_again_under_its_name_takes_its_output_over(tmp_path):
+    store, out = open_store(), str(tmp_path)
+    claim_output(store, out, JOB_A, log=quiet)
+    recreated = {**JOB_A, "uid": "uid-aaaa-2"}  # deleted and applied again: a new uid
+    assert claim_output(store, out, recreated, log=quiet) is True
+    assert json.loads((tmp_path / OWNER_FILE).read_text())["uid"] == "uid-aaaa-2"
+    # The same name in another namespace is another tenant's job.
+    with pytest.raises(TrainerError) as caught:
+        claim_output(store, out, {**recreated, "namespace": "team-b", "uid": "uid-c"},
+                     log=quiet)
+    assert caught.value.exit_code == ExitCode.OUTPUT_IN_USE
+    assert "team-a/flowers (uid uid-aaaa-2" in caught.value.message
+
+
 def test_an_unreadable_owner_object_still_holds_the_prefix(tmp_path):
     (tmp_path / OWNER_FILE).write_text("not json")
     with pytest.raises(TrainerError) as caught:

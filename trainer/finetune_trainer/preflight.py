@@ -101,21 +101,29 @@ def check_output(store: ObjectStore, output_uri: str, owner: Mapping | None, *,
 
 
 def claim_output(store: ObjectStore, output_uri: str, owner: Mapping, *, log=print) -> bool:
-    """Write the owner object under `output_uri` unless one is there: True when this call
-    wrote it, False when `owner` held it already (a retried or resumed job). Another job's
+    """Write the owner object under `output_uri` unless this job holds it already: True when
+    this call wrote it, False when `owner` held it (a retried or resumed job). Another job's
     claim raises OutputInUse.
 
-    The write is conditional (If-None-Match: *), atomic where the server honours it. The owner
-    object is read first and read back after: on a server that ignores the condition, the job
-    that wrote last wins and the other fails, unless both read their own claim back before
-    either overwrote it."""
+    A new claim is a conditional write (If-None-Match: *), atomic where the server honours it.
+    The owner object is read first and read back after: on a server that ignores the condition,
+    the job that wrote last wins and the other fails, unless both read their own claim back
+    before either overwrote it."""
     uri = join_uri(output_uri, OWNER_FILE)
+    claim = json.dumps({**owner, "claimedAt": datetime.now(timezone.utc).isoformat()},
+                       indent=1).encode()
     holder = _read_owner(store, uri)
-    created = False
+    wrote = False
     if holder is None:
-        claim = {**owner, "claimedAt": datetime.now(timezone.utc).isoformat()}
-        created = store.create_bytes(uri, json.dumps(claim, indent=1).encode(),
-                                     field=OUTPUT_FIELD)
+        wrote = store.create_bytes(uri, claim, field=OUTPUT_FIELD)
+    elif holder.get("uid") != owner["uid"] and _same_name(holder, owner):
+        # Deleted and applied again: its checkpoints, keyed by namespace/name, resume, so the
+        # output is still this job's. Only the namespace's own tenant can re-create it.
+        log(f"{output_uri} was claimed by an earlier FineTuneJob of the same name (uid "
+            f"{holder.get('uid')}): taking it over")
+        store.write_bytes(uri, claim, field=OUTPUT_FIELD)
+        wrote = True
+    if holder is None or wrote:
         holder = _read_owner(store, uri)
         if holder is None:  # deleted at once, or a concurrent claim not yet visible
             raise TrainerError(ExitCode.TRANSIENT, f"the claim {uri} vanished as it was written; "
@@ -127,11 +135,15 @@ def claim_output(store: ObjectStore, output_uri: str, owner: Mapping, *, log=pri
             f"{holder.get('name', '?')} (uid {holder.get('uid', '?')}, since "
             f"{holder.get('claimedAt', '?')}): choose another output prefix, or delete {uri} "
             "if that job and its outputs are gone", OUTPUT_FIELD)
-    if created:
+    if wrote:
         log(f"claimed {output_uri} for {owner['namespace']}/{owner['name']}")
     else:
         log(f"{output_uri} is already claimed by this job (uid {owner['uid']}): resuming")
-    return created
+    return wrote
+
+
+def _same_name(holder: Mapping, owner: Mapping) -> bool:
+    return (holder.get("namespace"), holder.get("name")) == (owner["namespace"], owner["name"])
 
 
 def _read_owner(store: ObjectStore, uri: str) -> dict | None:
