@@ -29,7 +29,7 @@ class ChartOperator:
 
     def __init__(self, kubectl: Callable[..., str], cluster_env: dict[str, str], release: str,
                  namespace: str, watch: list[str], out_dir: Path, replicas: int = 1,
-                 **extra_env: str):
+                 chart_values: dict[str, Any] | None = None, **extra_env: str):
         self.kubectl = kubectl
         self.cluster_env = cluster_env
         self.release = release
@@ -37,7 +37,8 @@ class ChartOperator:
         self.fullname = f"{release}-finetune-operator"
         self.selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
         self.replicas = replicas
-        values = load_localcluster().operator_chart_values(cluster_env, watch, replicas, extra_env)
+        values = {**load_localcluster().operator_chart_values(cluster_env, watch, replicas,
+                                                              extra_env), **(chart_values or {})}
         self.values_file = out_dir / f"{release}-values.json"
         self.values_file.write_text(json.dumps(values, indent=1))
 

@@ -23,20 +23,21 @@ def installed_crd(kubectl):
 
 @pytest.fixture
 def operator_factory(kubectl, cluster_env, tmp_path, request):
-    """start(namespaces, home=None, replicas=1, **env) -> the chart's operator Deployment (a Helm
-    release in `home`, default the first namespace) watching `namespaces`, leader-elected; each
+    """start(namespaces, home=None, replicas=1, chart_values=None, **env) -> the chart's operator
+    Deployment (a Helm release in `home`, default the first namespace, with `chart_values` over the
+    local cluster's) watching `namespaces`, leader-elected; each
     release is uninstalled after the test, its pods' logs printed first."""
     from chart_operator import ChartOperator
 
     started: list[ChartOperator] = []
     test_id = uuid.uuid4().hex[:5]
 
-    def start(namespaces, home=None, replicas=1, **env):
+    def start(namespaces, home=None, replicas=1, chart_values=None, **env):
         env = {"FINETUNE_PROGRESS_INTERVAL_SECONDS": "2", "FINETUNE_LEASE_DURATION_SECONDS": "6",
                **env}
         operator = ChartOperator(kubectl, cluster_env, f"op-{test_id}-{len(started)}",
                                  home or namespaces[0], list(namespaces), tmp_path,
-                                 replicas=replicas, **env)
+                                 replicas=replicas, chart_values=chart_values, **env)
         started.append(operator.start())
         return operator
 
