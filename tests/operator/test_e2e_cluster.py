@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,8 @@ def test_missing_secret_fails_with_a_clear_reason_and_no_cross_namespace_access(
     try:
         wait_for(lambda: get(kubectl, "serviceaccount", "default", other), timeout=30)
         s3_secret(kubectl, namespace, cluster_env)  # the Secret exists in namespace A only
-        operator_factory([namespace, other]).wait_leader()
+        # A short start-error grace: the Secret will never appear in namespace B.
+        operator_factory([namespace, other], FINETUNE_START_ERROR_GRACE_SECONDS="5").wait_leader()
         apply(kubectl, finetunejob("borrower", other, datasets["fashion-mnist"]))
         current = wait_phase(kubectl, other, "borrower", "Failed", timeout=120)
         assert current["failure"]["reason"] == "CreateContainerConfigError"
@@ -167,25 +169,30 @@ def test_missing_secret_fails_with_a_clear_reason_and_no_cross_namespace_access(
         kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
+def evict(api_client, pod: dict) -> None:
+    """The Eviction API, as a node drain uses it."""
+    from kubernetes import client
+
+    meta = pod["metadata"]
+    client.CoreV1Api(api_client).create_namespaced_pod_eviction(
+        meta["name"], meta["namespace"], client.V1Eviction(metadata=client.V1ObjectMeta(
+            name=meta["name"], namespace=meta["namespace"])))
+
+
 @pytest.mark.parametrize("how", ["evicted", "deleted"])
 def test_a_pod_stopped_mid_epoch_checkpoints_its_step_and_the_job_resumes_there(
         how, kubectl, namespace, ftj_operator, datasets, cluster_env, s3_client, api_client):
-    from kubernetes import client
-
     s3_secret(kubectl, namespace, cluster_env)
     manifest = finetunejob(how, namespace, datasets["fashion-mnist"], **PREEMPTIBLE)
     apply(kubectl, manifest)
     wait_phase(kubectl, namespace, how, "Running", timeout=120)
     wait_checkpoint(s3_client, manifest["spec"]["output"]["uri"])
     pod, = objects(kubectl, "pods", namespace)
-    pod_name = pod["metadata"]["name"]
     stopped_at = time.time()
     if how == "evicted":  # as a node drain or a preemption does it
-        client.CoreV1Api(api_client).create_namespaced_pod_eviction(
-            pod_name, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(
-                name=pod_name, namespace=namespace)))
+        evict(api_client, pod)
     else:
-        kubectl("delete", "pod", pod_name, "-n", namespace, "--wait=false")
+        kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=false")
     checkpoint = graceful_stop(kubectl, namespace, how)
     key = manifest["spec"]["output"]["uri"].removeprefix("s3://models/") + \
         "checkpoints/" + checkpoint["file"]
@@ -472,3 +479,158 @@ def test_two_replicas_never_both_act(kubectl, namespace, operator_factory, datas
             "-p", '{"spec":{"suspend":false}}')
     wait_phase(kubectl, namespace, "led", "Succeeded", timeout=300)
     assert len(objects(kubectl, "jobs", namespace)) == 1
+
+
+# --- guardrails for shared clusters (issue 13) -----------------------------------------------
+
+def trainer_pods(kubectl, namespace: str, finetunejob_name: str) -> list[dict]:
+    job_name = builders.trainer_job_name(finetunejob_name)
+    return [p for p in objects(kubectl, "pods", namespace)
+            if p["metadata"]["labels"].get("batch.kubernetes.io/job-name") == job_name]
+
+
+def running_pod(kubectl, namespace: str, finetunejob_name: str) -> dict | None:
+    return next((p for p in trainer_pods(kubectl, namespace, finetunejob_name)
+                 if p["status"].get("phase") == "Running"
+                 and not p["metadata"].get("deletionTimestamp")), None)
+
+
+def test_a_job_disrupted_more_often_than_the_limit_fails_evicted_and_keeps_its_checkpoint(
+        kubectl, namespace, operator_factory, datasets, cluster_env, s3_client, api_client):
+    operator_factory([namespace], FINETUNE_MAX_DISRUPTIONS="1").wait_leader()
+    s3_secret(kubectl, namespace, cluster_env)
+    manifest = finetunejob("evictee", namespace, datasets["fashion-mnist"], **INTERRUPTIBLE)
+    apply(kubectl, manifest)
+    output = manifest["spec"]["output"]["uri"]
+    wait_phase(kubectl, namespace, "evictee", "Running", timeout=120)
+    wait_checkpoint(s3_client, output)
+
+    # The first disruption is retried: counted, and a replacement runs.
+    first = wait_for(lambda: running_pod(kubectl, namespace, "evictee"), message="a trainer pod")
+    evict(api_client, first)
+    wait_for(lambda: status(kubectl, namespace, "evictee").get("disruptions") == 1,
+             message="the first disruption counted")
+    second = wait_for(lambda: (lambda p: p if p and p["metadata"]["uid"] !=
+                               first["metadata"]["uid"] else None)(
+        running_pod(kubectl, namespace, "evictee")), timeout=180, message="a replacement pod")
+    assert status(kubectl, namespace, "evictee")["phase"] == "Running"
+
+    # The second is one more than the limit: the job fails and nothing keeps running.
+    evict(api_client, second)
+    current = wait_phase(kubectl, namespace, "evictee", "Failed", "Succeeded", timeout=120)
+    assert current["phase"] == "Failed", current
+    assert current["failure"]["reason"] == "Evicted"
+    assert current["disruptions"] == 2
+    assert current["lastDisruption"]["pod"] == second["metadata"]["name"]
+    assert current["lastDisruption"]["reason"] == "EvictionByEvictionAPI"
+    # The API server's message for an Eviction API eviction (the kubelet's, on disk pressure,
+    # is quoted the same way: tests/operator/test_status.py).
+    assert "Eviction API" in current["failure"]["message"]
+    assert condition(current, "Failed")["reason"] == "Evicted"
+    # Suspended: the Job controller deletes its active pods and creates no replacement.
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["spec"]["suspend"] is True
+    wait_for(lambda: all(p["status"].get("phase") in ("Failed", "Succeeded")
+                         for p in trainer_pods(kubectl, namespace, "evictee"))
+             and not objects(kubectl, "jobs", namespace)[0]["status"].get("active"),
+             timeout=120, message="no trainer pod left running")
+    assert any(k.endswith("checkpoints/latest.json") for k in s3_keys(s3_client, output))
+    reasons = [e["reason"] for e in events(kubectl, namespace, "evictee")]
+    assert reasons.count("Disrupted") == 2
+
+
+def test_a_secret_created_after_the_job_lets_the_trainer_start(
+        kubectl, namespace, ftj_operator, datasets, cluster_env):
+    # The default grace (300 s): the Secret comes a few seconds after the job.
+    apply(kubectl, finetunejob("late-secret", namespace, datasets["fashion-mnist"],
+                               epochs=10000))
+    waiting = wait_for(lambda: (lambda s: s if s.get("startError") else None)(
+        status(kubectl, namespace, "late-secret")), timeout=120,
+        message="the container's start error in status")
+    assert waiting["phase"] == "Pending"
+    assert waiting["startError"]["reason"] == "CreateContainerConfigError"
+    assert SECRET in waiting["startError"]["message"]
+    running = condition(waiting, "Running")
+    assert running["reason"] == "CreateContainerConfigError" and SECRET in running["message"]
+    assert "fails at" in running["message"]
+
+    s3_secret(kubectl, namespace, cluster_env)
+    current = wait_phase(kubectl, namespace, "late-secret", "Running", "Failed", timeout=180)
+    assert current["phase"] == "Running", current
+    assert "startError" not in current
+    assert current.get("attempts") == 1
+    # The trainer sees its ephemeral-storage limit (the chart's default, 20Gi) in bytes.
+    pod = running_pod(kubectl, namespace, "late-secret")
+    limit = kubectl("exec", "-n", namespace, pod["metadata"]["name"], "--", "python", "-c",
+                    "import os; print(os.environ['FINETUNE_EPHEMERAL_STORAGE_LIMIT_BYTES'])")
+    assert limit.strip() == str(20 * 2**30)
+
+
+def test_an_image_that_cannot_be_pulled_fails_only_after_the_grace(
+        kubectl, namespace, operator_factory, datasets, cluster_env):
+    grace = 20
+    image = "localhost/finetune-nonexistent"
+    operator_factory([namespace], chart_values={"tenancy": {"allowedImages": [image]}},
+                     FINETUNE_START_ERROR_GRACE_SECONDS=str(grace)).wait_leader()
+    s3_secret(kubectl, namespace, cluster_env)
+    # No registry here: pulling from localhost fails (connection refused).
+    apply(kubectl, finetunejob("no-image", namespace, datasets["fashion-mnist"],
+                               image=f"{image}:1"))
+    waiting = wait_for(lambda: (lambda s: s if s.get("startError") else None)(
+        status(kubectl, namespace, "no-image")), timeout=120,
+        message="the pull error in status")
+    assert waiting["phase"] == "Pending"
+    assert waiting["startError"]["reason"] in ("ErrImagePull", "ImagePullBackOff")
+    assert "localhost/finetune-nonexistent:1" in condition(waiting, "Running")["message"]
+
+    current = wait_phase(kubectl, namespace, "no-image", "Failed", timeout=120)
+    assert current["failure"]["reason"] in ("ErrImagePull", "ImagePullBackOff")
+    assert "localhost/finetune-nonexistent:1" in current["failure"]["message"]
+    assert f"grace is {grace} s" in current["failure"]["message"]
+    waited = (datetime.fromisoformat(current["completionTime"].replace("Z", "+00:00"))
+              - datetime.fromisoformat(waiting["startError"]["since"].replace("Z", "+00:00")))
+    assert waited.total_seconds() >= grace
+    wait_for(lambda: not trainer_pods(kubectl, namespace, "no-image"), timeout=60,
+             message="the waiting pod deleted")
+    job, = objects(kubectl, "jobs", namespace)
+    assert job["spec"]["suspend"] is True
+
+
+def test_network_policies_are_accepted_and_select_exactly_each_jobs_pods(
+        kubectl, namespace, operator_factory, datasets, cluster_env):
+    operator_factory([namespace], FINETUNE_METRICS_FROM_NAMESPACES="monitoring").wait_leader()
+    s3_secret(kubectl, namespace, cluster_env)
+    # More GPUs than any node has: the pods exist (Pending, unschedulable) and nothing trains.
+    apply(kubectl,
+          finetunejob("solo", namespace, datasets["fashion-mnist"], resources={"gpus": 16}),
+          finetunejob("pair", namespace, datasets["fashion-mnist"],
+                      resources={"gpus": 16, "workers": 2}))
+    for name in ("solo", "pair"):
+        wait_phase(kubectl, namespace, name, "Queued", timeout=60)
+    wait_for(lambda: len(trainer_pods(kubectl, namespace, "solo")) == 1
+             and len(trainer_pods(kubectl, namespace, "pair")) == 2,
+             message="the jobs' pods")
+
+    policies = {p["metadata"]["name"]: p for p in objects(
+        kubectl, "networkpolicies", namespace, "app.kubernetes.io/managed-by=finetune-operator")}
+    assert set(policies) == {"solo-metrics", "pair-metrics", "pair-peers"}
+    for policy_name, policy in policies.items():
+        owner = policy_name.rsplit("-", 1)[0]
+        assert policy["metadata"]["ownerReferences"][0]["name"] == owner
+        assert policy["metadata"]["ownerReferences"][0]["uid"] == \
+            ftj(kubectl, namespace, owner)["metadata"]["uid"]
+        # The API server lists exactly the job's pods for the policy's selector.
+        selector = ",".join(f"{k}={v}" for k, v in
+                            policy["spec"]["podSelector"]["matchLabels"].items())
+        selected = {p["metadata"]["name"] for p in objects(kubectl, "pods", namespace, selector)}
+        assert selected == {p["metadata"]["name"] for p in trainer_pods(kubectl, namespace, owner)}
+    metrics_rule, = policies["solo-metrics"]["spec"]["ingress"]
+    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == \
+        sorted([namespace, "monitoring"])
+    peers_rule, = policies["pair-peers"]["spec"]["ingress"]
+    assert peers_rule == {"from": [{"podSelector": policies["pair-peers"]["spec"]["podSelector"]}]}
+    kubectl("delete", "ftj", "pair", "-n", namespace, "--wait=true")
+    wait_for(lambda: {p["metadata"]["name"] for p in objects(
+        kubectl, "networkpolicies", namespace, "app.kubernetes.io/managed-by=finetune-operator")}
+        == {"solo-metrics"}, timeout=60, message="the deleted job's policies collected")
