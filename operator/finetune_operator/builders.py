@@ -238,13 +238,13 @@ def scratch_size_limit(storage: str) -> str:
     return str(quarter)
 
 
-def _resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+def _resources(spec: dict[str, Any], config: OperatorConfig, storage: str) -> dict[str, Any]:
     wanted = spec.get("resources") or {}
     amounts: dict[str, Any] = {}
     for field in ("cpu", "memory"):
         if wanted.get(field) not in (None, ""):
             amounts[field] = str(wanted[field])
-    amounts["ephemeral-storage"] = ephemeral_storage(spec, config)
+    amounts["ephemeral-storage"] = storage
     gpus = wanted.get("gpus", 1)
     if gpus:
         amounts[wanted.get("gpuResourceName") or config.default_gpu_resource] = str(gpus)
@@ -302,7 +302,7 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    container["resources"] = _resources(spec, config)
+    container["resources"] = _resources(spec, config, storage)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -1,7 +1,8 @@
 """Operator-wide background loops, run next to kopf on the leader only: reading trainers'
 progress, deleting finished FineTuneJobs after their TTL, failing jobs whose trainer could not
-start within the grace, and retrying status refreshes that failed. Not kopf timers: those add a finalizer to every object they serve, and a finalizer would
-block deletion while the operator is down."""
+start within the grace, and retrying status refreshes that failed. Not kopf timers: those add a
+finalizer to every object they serve, and a finalizer would block deletion while the operator is
+down."""
 
 from __future__ import annotations
 
