@@ -165,7 +165,8 @@ class Reconciler:
         pods = self.view.pods(job) if job is not None else []
         update = derive_status(with_conditions, job, pods, now,
                                self.view.attempts(job) if job is not None else 0,
-                               config=self.config)
+                               config=self.config,
+                               disrupted=self.view.disruptions(job) if job is not None else [])
         update.patch.setdefault("conditions", conditions)
         update.patch["observedGeneration"] = finetunejob["metadata"].get("generation")
         self._apply(finetunejob, update)
@@ -203,7 +204,8 @@ class Reconciler:
             pods = self.view.pods(job) if job is not None else []
             self._apply(finetunejob, derive_status(
                 finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0,
-                self.view.preemptions(job) if job is not None else [], self.config))
+                self.view.preemptions(job) if job is not None else [], self.config,
+                self.view.disruptions(job) if job is not None else []))
 
     def refresh_or_defer(self, namespace: str, name: str) -> None:
         """For watch events, which kopf does not retry: a failed refresh is queued for the

@@ -163,14 +163,15 @@ def disruption(pod: Manifest) -> dict[str, Any] | None:
                         or "the pod was disrupted")}
 
 
-def disruption_fields(status: dict[str, Any], pods: list[Manifest]
+def disruption_fields(status: dict[str, Any], disruptions: list[dict[str, Any]]
                       ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    """status.disruptions and lastDisruption, counting the pods disrupted after the last one
-    counted (pods of a group disrupted in the same second once), and an Event for the count."""
+    """status.disruptions and lastDisruption, counting the disruptions after the last one
+    counted (a pod seen twice, or pods of a group disrupted in the same second, once), and an
+    Event for the count."""
     counted_until = parse_time((status.get("lastDisruption") or {}).get("time"))
-    new = sorted((d for d in map(disruption, pods) if d and (
-        counted_until is None or parse_time(d["time"]) > counted_until)),
-        key=lambda d: parse_time(d["time"]))
+    new = sorted((d for d in disruptions if counted_until is None
+                  or parse_time(d["time"]) > counted_until),
+                 key=lambda d: parse_time(d["time"]))
     if not new:
         return {}, []
     count = (status.get("disruptions") or 0) + len({parse_time(d["time"]) for d in new})
@@ -414,18 +415,21 @@ def checkpoint_prefix(spec: dict[str, Any]) -> str:
 def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manifest],
                   now: datetime, pods_started: int = 0,
                   preempted: list[dict[str, Any]] = (),
-                  config: OperatorConfig = DEFAULT_CONFIG) -> StatusUpdate:
+                  config: OperatorConfig = DEFAULT_CONFIG,
+                  disrupted: list[dict[str, Any]] = ()) -> StatusUpdate:
     """The status patch for `finetunejob` given its trainer Job (None: not there) and the Job's
-    pods. `preempted`: what the Job's pods that stopped gracefully said (ClusterView keeps it
-    after the pods are gone). `config`: the operator's limits on disruptions and start errors.
-    A finished job stays finished: later observations may only fill in details."""
+    pods. `preempted`: what the Job's pods that stopped gracefully said; `disrupted`: the
+    disruptions of its pods (ClusterView keeps both after the pods are gone). `config`: the
+    operator's limits on disruptions and start errors. A finished job stays finished: later
+    observations may only fill in details."""
     meta = finetunejob["metadata"]
     spec = finetunejob.get("spec") or {}
     status = finetunejob.get("status") or {}
     generation = meta.get("generation")
     old_phase = status.get("phase")
-    disrupted, disruption_notices = disruption_fields(status, pods)
-    verdict = judge(spec, {**status, **disrupted}, job, pods, now, config)
+    disruption_counts, disruption_notices = disruption_fields(
+        status, [*disrupted, *filter(None, map(disruption, pods))])
+    verdict = judge(spec, {**status, **disruption_counts}, job, pods, now, config)
 
     if old_phase in TERMINAL_PHASES:
         # Watches of the Job and of its pods are separate streams: the Job may report Complete
@@ -450,7 +454,7 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     new: dict[str, Any] = {"phase": phase, "observedGeneration": generation}
     preemption, notices = preemption_fields(spec, status, list(preempted))
     new.update(preemption)
-    new.update(disrupted)
+    new.update(disruption_counts)
     notices += disruption_notices
     new["startError"] = verdict.start_error  # None removes it once the container starts
     if job is not None:

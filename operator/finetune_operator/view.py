@@ -12,6 +12,7 @@ from typing import Any, Iterator
 from finetune_api import contract
 
 from finetune_operator.builders import ANNOTATION_FINETUNEJOB, CONTAINER_NAME
+from finetune_operator.status import disruption
 
 Manifest = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
@@ -61,6 +62,10 @@ class ClusterView:
         # Termination messages of the pods of each Job (by Job uid) that stopped gracefully
         # (exit code PREEMPTED), by pod uid, kept after the pods are deleted.
         self._preempted: dict[str, dict[str, dict[str, Any]]] = {}
+        # Disruptions of the pods of each Job (by Job uid), by pod uid, kept after the pods are
+        # deleted: an evicted pod is gone within its grace period, and a status refresh that
+        # failed meanwhile must still count it when it is retried.
+        self._disrupted: dict[str, dict[str, dict[str, Any]]] = {}
 
     # FineTuneJobs
     def put_finetunejob(self, body: Manifest, deleted: bool = False) -> None:
@@ -93,6 +98,7 @@ class ClusterView:
                     self._jobs.pop(key, None)
                 self._started.pop(body["metadata"]["uid"], None)
                 self._preempted.pop(body["metadata"]["uid"], None)
+                self._disrupted.pop(body["metadata"]["uid"], None)
             else:
                 self._jobs[key] = _slim(body)
         return key
@@ -128,6 +134,9 @@ class ClusterView:
                 self._preempted.setdefault(owner["uid"], {})[body["metadata"]["uid"]] = {
                     **contract.parse_termination_message(terminated.get("message")),
                     "finishedAt": terminated.get("finishedAt") or ""}
+            disrupted = disruption(body)
+            if disrupted:
+                self._disrupted.setdefault(owner["uid"], {})[body["metadata"]["uid"]] = disrupted
         return (namespace, finetunejob)
 
     def preemptions(self, job: Manifest) -> list[dict[str, Any]]:
@@ -135,6 +144,11 @@ class ClusterView:
         with self._lock:
             said = list(self._preempted.get(job["metadata"]["uid"], {}).values())
         return sorted(said, key=lambda message: message["finishedAt"])
+
+    def disruptions(self, job: Manifest) -> list[dict[str, Any]]:
+        """When and why pods of this Job were disrupted, deleted ones included."""
+        with self._lock:
+            return list(self._disrupted.get(job["metadata"]["uid"], {}).values())
 
     def attempts(self, job: Manifest) -> int:
         """Trainer pods of this Job seen started, deleted ones included."""

@@ -472,6 +472,25 @@ def test_past_the_limit_a_disrupted_job_fails_evicted_with_the_kubelets_message_
     assert within.new_phase == "Running" and not within.stop_job
 
 
+def test_a_disruption_whose_pod_is_gone_is_counted_from_what_the_view_remembers():
+    # The refresh that saw the evicted pod failed; when it is retried the pod is deleted.
+    remembered = {"time": "2026-11-28T10:05:00Z", "pod": "a", "reason": "EvictionByEvictionAPI",
+                  "message": "Eviction API: evicting"}
+    update = derive_status(finetunejob(status=RUNNING_STATUS), job(active=0), [], NOW,
+                           disrupted=[remembered])
+    assert update.patch["disruptions"] == 1
+    assert update.patch["lastDisruption"] == remembered
+    # The same pod both remembered and still listed counts once.
+    status = {**RUNNING_STATUS, **update.patch}
+    again = derive_status(finetunejob(status=RUNNING_STATUS), job(active=0),
+                          [evicted("a", "2026-11-28T10:05:00Z", by_kubelet=False)], NOW,
+                          disrupted=[remembered])
+    assert again.patch["disruptions"] == 1
+    later = derive_status(finetunejob(status=status), job(active=0), [], NOW,
+                          disrupted=[remembered])
+    assert "disruptions" not in later.patch
+
+
 def test_pods_of_a_group_disrupted_in_the_same_second_count_once():
     update = derive_status(finetunejob(status=RUNNING_STATUS, resources={"workers": 2}),
                            job(active=0), [evicted("a", "2026-11-28T10:05:00Z"),

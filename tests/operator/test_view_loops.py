@@ -104,3 +104,20 @@ def test_graceful_stops_are_remembered_after_their_pods_are_deleted_and_forgotte
     assert preemptions[0]["finishedAt"] == "2026-11-28T10:05:00Z"
     view.put_job(job(), deleted=True)
     assert view.preemptions(job()) == [] and view.attempts(job()) == 0
+
+
+def test_disruptions_are_remembered_after_their_pods_are_deleted_and_forgotten_with_the_job():
+    view = ClusterView()
+    evicted = pod(name="a", phase="Running", state=running_state(), conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+         "message": "Eviction API: evicting", "lastTransitionTime": "2026-11-28T10:05:00Z"}])
+    evicted["metadata"]["uid"] = "pod-a"
+    view.put_pod(evicted)
+    view.put_pod(evicted, deleted=True)  # deleted within its grace period
+    assert view.disruptions(job()) == [{"time": "2026-11-28T10:05:00Z", "pod": "a",
+                                        "reason": "EvictionByEvictionAPI",
+                                        "message": "Eviction API: evicting"}]
+    view.put_pod(pod(name="b", phase="Running", state=running_state()))
+    assert len(view.disruptions(job())) == 1
+    view.put_job(job(), deleted=True)
+    assert view.disruptions(job()) == []
