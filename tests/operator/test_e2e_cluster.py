@@ -499,7 +499,9 @@ def test_a_job_disrupted_more_often_than_the_limit_fails_evicted_and_keeps_its_c
         kubectl, namespace, operator_factory, datasets, cluster_env, s3_client, api_client):
     operator_factory([namespace], FINETUNE_MAX_DISRUPTIONS="1").wait_leader()
     s3_secret(kubectl, namespace, cluster_env)
-    manifest = finetunejob("evictee", namespace, datasets["fashion-mnist"], **INTERRUPTIBLE)
+    # Endless: it must still be training at the second eviction however slow the first was.
+    manifest = finetunejob("evictee", namespace, datasets["fashion-mnist"],
+                           **{**INTERRUPTIBLE, "epochs": 10000})
     apply(kubectl, manifest)
     output = manifest["spec"]["output"]["uri"]
     wait_phase(kubectl, namespace, "evictee", "Running", timeout=120)
