@@ -149,14 +149,11 @@ def subset(pool: list[tuple[str, int]], size: int, seed: int) -> list[int]:
 # ---- one measurement per task (run in worker processes) -------------------------------------
 
 def _init_worker(threads: int) -> None:
-    # One thread per run for torch and the OpenMP/BLAS pools, as the trainer does in a pod
-    # (cpus.limit_threads): the variables reach the libraries loaded later (scipy, scikit-learn).
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[variable] = str(threads)
-    import torch
-    from threadpoolctl import threadpool_limits
-    torch.set_num_threads(threads)
-    threadpool_limits(limits=threads)
+    # `threads` for torch and every OpenMP/BLAS pool of the run, as the trainer sizes them in a
+    # pod (an explicit OMP_NUM_THREADS wins there).
+    from finetune_trainer import cpus
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    cpus.limit_threads(log=lambda *_: None)
 
 
 def _samples(rows):
