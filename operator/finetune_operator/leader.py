@@ -1,10 +1,18 @@
 """Lease-based leader election (coordination.k8s.io/v1), the same protocol as client-go's
-leaderelection: whoever holds an unexpired Lease acts; the others wait. A replica that cannot
-renew before its own deadline exits at once, so two replicas never both act."""
+leaderelection: whoever holds an unexpired Lease acts; the others wait. As in client-go, another
+holder's term is judged by this replica's own clock (from when it saw the Lease last change), not
+by the renewTime another machine wrote, so clock skew between nodes cannot hand over early.
+
+The LeaseKeeper renews in a thread of its own, which nothing else runs in, and bounds each
+renewal call by the time left before its deadline. Every write of the operator first asks the
+keeper (`fence`), so a replica that was frozen past its deadline (SIGSTOP, a long GC, a paused
+VM) writes nothing when it wakes, and exits."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -33,14 +41,17 @@ class LeaseState:
     transitions: int
 
 
-def may_take(state: LeaseState, identity: str, now: datetime) -> bool:
+class NotLeader(Exception):
+    """This replica no longer holds the Lease: it must not write."""
+
+
+def may_take(holder: str | None, identity: str, observed_at: float, duration_seconds: float,
+             now: float) -> bool:
     """Pure rule: the Lease is ours to take or keep when we hold it, nobody does, or the
-    holder's term ran out."""
-    if state.holder in (None, identity):
+    holder's term ran out, counted on our own clock from when we last saw the Lease change."""
+    if holder in (None, identity):
         return True
-    if state.renew_time is None:
-        return True
-    return now >= state.renew_time + timedelta(seconds=state.duration_seconds)
+    return now >= observed_at + duration_seconds
 
 
 class LeaseElector:
@@ -48,7 +59,8 @@ class LeaseElector:
     camelCase dicts (finetune_operator.kube.Kube)."""
 
     def __init__(self, kube: Any, namespace: str, name: str, identity: str,
-                 duration_seconds: int = 15, clock: Callable[[], datetime] | None = None):
+                 duration_seconds: int = 15, clock: Callable[[], datetime] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.kube = kube
         self.namespace = namespace
         self.name = name
@@ -58,6 +70,10 @@ class LeaseElector:
         self.retry_seconds = max(1.0, duration_seconds * 2 / 15)
         self.renew_deadline_seconds = duration_seconds * 10 / 15
         self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.monotonic = monotonic
+        # The Lease record as last seen, and when (our clock).
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
 
     def _lease(self, spec: dict[str, Any], resource_version: str | None = None
                ) -> dict[str, Any]:
@@ -68,14 +84,15 @@ class LeaseElector:
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
                 "spec": spec}
 
-    def try_acquire_or_renew(self) -> bool:
+    def try_acquire_or_renew(self, timeout: float = 10) -> bool:
+        """One round of the protocol; each API call is bounded by `timeout` seconds."""
         now = self.clock()
-        lease = self.kube.get_lease(self.namespace, self.name)
+        lease = self.kube.get_lease(self.namespace, self.name, timeout=timeout)
         if lease is None:
             spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.duration_seconds,
                     "acquireTime": _micro(now), "renewTime": _micro(now), "leaseTransitions": 0}
             try:
-                self.kube.create_lease(self._lease(spec))
+                self.kube.create_lease(self._lease(spec), timeout=timeout)
             except ApiException as error:
                 if error.status == 409:
                     return False
@@ -87,7 +104,12 @@ class LeaseElector:
                            renew_time=_parse(spec.get("renewTime")),
                            duration_seconds=int(spec.get("leaseDurationSeconds") or 0),
                            transitions=int(spec.get("leaseTransitions") or 0))
-        if not may_take(state, self.identity, now):
+        record = (state.holder, spec.get("renewTime"), state.duration_seconds,
+                  state.transitions)
+        if record != self._observed:
+            self._observed, self._observed_at = record, self.monotonic()
+        if not may_take(state.holder, self.identity, self._observed_at,
+                        state.duration_seconds, self.monotonic()):
             return False
         ours = state.holder == self.identity
         new_spec = {"holderIdentity": self.identity,
@@ -96,7 +118,8 @@ class LeaseElector:
                     "renewTime": _micro(now),
                     "leaseTransitions": state.transitions if ours else state.transitions + 1}
         try:
-            self.kube.replace_lease(self._lease(new_spec, lease["metadata"]["resourceVersion"]))
+            self.kube.replace_lease(self._lease(new_spec, lease["metadata"]["resourceVersion"]),
+                                    timeout=timeout)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -130,3 +153,69 @@ class LeaseElector:
             log.info("released Lease %s/%s", self.namespace, self.name)
         except Exception as error:
             log.warning("could not release the Lease: %s", error)
+
+
+class LeaseKeeper:
+    """Renews the Lease every `retry_seconds` in a dedicated daemon thread. A renewal that has
+    not succeeded by the renew deadline (10/15 of a term after the last success) ends the
+    process: the other replicas may take over one full term after the last renewal they saw,
+    which is later than our deadline."""
+
+    def __init__(self, elector: LeaseElector, on_lost: Callable[[str], None] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.elector = elector
+        self.monotonic = monotonic
+        self.on_lost = on_lost or _exit_lost
+        self.renewed_at = monotonic()  # call after acquiring
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        self.renewed_at = self.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def time_left(self) -> float:
+        return self.renewed_at + self.elector.renew_deadline_seconds - self.monotonic()
+
+    def fence(self) -> None:
+        """Raise NotLeader unless this replica renewed within its deadline."""
+        if self.time_left() <= 0:
+            raise NotLeader("the leader Lease was not renewed in time")
+
+    def renew_once(self) -> bool:
+        left = self.time_left()
+        if left <= 0:
+            return False
+        attempt_started = self.monotonic()
+        try:
+            renewed = self.elector.try_acquire_or_renew(timeout=max(0.1, left))
+        except Exception as error:  # API unreachable: keep trying until the deadline
+            log.warning("renewing the leader Lease: %s", error)
+            return True
+        if renewed:
+            # Counted from before the call: the term the others see began no earlier.
+            self.renewed_at = attempt_started
+            return True
+        return False  # another replica holds it
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.renew_once() or self.time_left() <= 0:
+                if self._stop.is_set():
+                    return
+                self.on_lost("the leader Lease was not renewed before its deadline"
+                             if self.time_left() <= 0 else "another replica holds the Lease")
+                return
+            self._stop.wait(self.elector.retry_seconds)
+
+
+EXIT_LOST_LEASE = 3
+
+
+def _exit_lost(reason: str) -> None:
+    log.error("lost the leader Lease (%s); exiting so that only one replica acts", reason)
+    logging.shutdown()
+    os._exit(EXIT_LOST_LEASE)
