@@ -451,7 +451,9 @@ class Cluster:
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,"
             "DefaultTolerationSeconds,Priority,ResourceQuota,MutatingAdmissionWebhook,"
-            "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,NodeRestriction",
+            "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,NodeRestriction,"
+            # As OpenShift: setting blockOwnerDeletion needs delete on the owner.
+            "OwnerReferencesPermissionEnforcement",
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",

@@ -1,4 +1,5 @@
-"""Pure builders: the trainer Job and the spec ConfigMap a FineTuneJob owns, as plain dicts.
+"""Pure builders: the trainer Job (with the spec it runs) and the other children a FineTuneJob
+owns, as plain dicts.
 
 No API calls here; `handlers` creates what these return. Names are deterministic so that creation
 is idempotent (a second create answers 409 AlreadyExists and the existing object is adopted).
@@ -31,6 +32,10 @@ SCRATCH_DIR = "/tmp"
 TRAINER_UID = 1000
 # Annotation on the Job and its pods with the full FineTuneJob name (labels are cut at 63).
 ANNOTATION_FINETUNEJOB = "finetune.dev/finetunejob"
+# Annotation on the trainer pods with the spec they run (YAML), mounted as the trainer's spec
+# file through the downward API: one object to create instead of a Job and a ConfigMap, and the
+# spec the trainer runs is on the Job the operator watches anyway.
+ANNOTATION_SPEC = "finetune.dev/spec"
 DEFAULT_PREEMPTION_GRACE_SECONDS = 60
 # Spec fields the operator applies to a running Job; every other change is reported, not applied
 # (the immutable ones are refused by the CRD's transition rules before they get here).
@@ -76,7 +81,7 @@ def worker_count(spec: dict[str, Any]) -> int:
 
 
 def owned_child_metadata(finetunejob: Manifest, name: str) -> Manifest:
-    """Metadata of a plain child (ConfigMap, Service): in the FineTuneJob's namespace, labelled
+    """Metadata of a plain child (Service, NetworkPolicy): in the FineTuneJob's namespace, labelled
     for selection and owned by it, so garbage collection removes it with the FineTuneJob."""
     meta = finetunejob["metadata"]
     return {"name": name, "namespace": meta["namespace"], "labels": selector_labels(meta["name"]),
@@ -128,10 +133,6 @@ def build_network_policies(finetunejob: Manifest, config: OperatorConfig) -> lis
             for name, rule in rules.items()]
 
 
-def spec_configmap_name(finetunejob_name: str) -> str:
-    return _fit(finetunejob_name, 253, "-spec")
-
-
 def label_value(finetunejob_name: str) -> str:
     return _fit(finetunejob_name, MAX_LABEL_VALUE)
 
@@ -162,20 +163,14 @@ def trainer_manifest(finetunejob: Manifest) -> Manifest:
             "spec": copy.deepcopy(finetunejob["spec"])}
 
 
-def build_spec_configmap(finetunejob: Manifest) -> Manifest:
-    meta = finetunejob["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": owned_child_metadata(finetunejob, spec_configmap_name(meta["name"])),
-        "data": {contract.SPEC_FILE_NAME: yaml.safe_dump(trainer_manifest(finetunejob),
-                                                         sort_keys=False)},
-    }
+def spec_annotation(finetunejob: Manifest) -> str:
+    return yaml.safe_dump(trainer_manifest(finetunejob), sort_keys=False)
 
 
-def applied_spec(configmap: Manifest) -> dict[str, Any]:
-    """The spec the trainer runs, read back from the operator's ConfigMap."""
-    text = (configmap.get("data") or {}).get(contract.SPEC_FILE_NAME) or ""
+def applied_spec(job: Manifest) -> dict[str, Any]:
+    """The spec the trainer runs, read back from its Job's pod template."""
+    template_meta = ((job.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    text = (template_meta.get("annotations") or {}).get(ANNOTATION_SPEC) or ""
     manifest = yaml.safe_load(text) or {}
     return manifest.get("spec") or {}
 
@@ -321,9 +316,9 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
         },
         "containers": [container],
         "volumes": [
-            {"name": "spec", "configMap": {
-                "name": spec_configmap_name(name),
-                "items": [{"key": contract.SPEC_FILE_NAME, "path": contract.SPEC_FILE_NAME}]}},
+            {"name": "spec", "downwardAPI": {"items": [{
+                "path": contract.SPEC_FILE_NAME,
+                "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_SPEC}']"}}]}},
             {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size_limit(storage)}},
             {"name": "cache", "emptyDir": {"sizeLimit": storage}},
         ],
@@ -344,7 +339,9 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
         # only after the previous one has fully terminated.
         "podReplacementPolicy": "Failed",
         "template": {
-            "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
+            "metadata": {"labels": dict(labels),
+                         "annotations": {**annotations,
+                                         ANNOTATION_SPEC: spec_annotation(finetunejob)}},
             "spec": pod_spec,
         },
     }

@@ -59,7 +59,12 @@ class OperatorConfig:
     watch_namespaces: tuple[str, ...] = ()  # empty: all namespaces
     metrics_port: int = 8080
     metrics_addr: str = "0.0.0.0"
+    health_port: int = 8081  # /healthz, for the liveness probe
+    # How often the leader checks that its FineTuneJob watch has missed nothing (health.py).
+    watch_check_seconds: int = 60
     progress_interval_seconds: int = 10
+    # Threads that make the operator's API calls (reconciliations, one FineTuneJob at a time).
+    reconcile_workers: int = 8
     log_level: str = "INFO"
     pod_namespace: str = "default"
     leader_election: bool = True
@@ -119,7 +124,10 @@ class OperatorConfig:
             watch_namespaces=namespaces,
             metrics_port=_int(env, "FINETUNE_OPERATOR_METRICS_PORT", 8080),
             metrics_addr=env.get("FINETUNE_OPERATOR_METRICS_ADDR", "").strip() or "0.0.0.0",
+            health_port=_int(env, "FINETUNE_OPERATOR_HEALTH_PORT", 8081),
+            watch_check_seconds=_int(env, "FINETUNE_WATCH_CHECK_SECONDS", 60, 5),
             progress_interval_seconds=_int(env, "FINETUNE_PROGRESS_INTERVAL_SECONDS", 10, 1),
+            reconcile_workers=_int(env, "FINETUNE_RECONCILE_WORKERS", 8, 1),
             log_level=level,
             pod_namespace=env.get("POD_NAMESPACE", "").strip() or "default",
             leader_election=_bool(env, "FINETUNE_LEADER_ELECTION", True),

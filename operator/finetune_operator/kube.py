@@ -18,6 +18,8 @@ from finetune_operator.status import timestamp
 
 Manifest = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT_SECONDS = 30
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 log = logging.getLogger(__name__)
 
 
@@ -57,113 +59,131 @@ def load_kube_config() -> None:
 
 
 class Kube:
-    """Raw JSON requests through the kubernetes client's authenticated connection pool: the
-    objects stay camelCase dicts, exactly as the builders write them and the API returns them."""
+    """The official client's typed API classes, asked for raw JSON: the objects stay camelCase
+    dicts, exactly as the builders write them and the API returns them. The client sets the
+    bearer token itself (kubernetes >= 36.0.2), refreshing rotated in-cluster tokens."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient | None = None):
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None,
+                 connections: int = 16, field_manager: str = "finetune-operator"):
         if api_client is None:
             load_kube_config()
             configuration = kubernetes.client.Configuration.get_default_copy()
-            # Handlers run in a thread pool: enough pooled connections for all of them.
-            configuration.connection_pool_maxsize = 32
+            # One pooled connection per reconcile worker and the Lease keeper.
+            configuration.connection_pool_maxsize = connections
             api_client = kubernetes.client.ApiClient(configuration)
         self.client = api_client
+        # Names this replica in the managedFields of what it writes.
+        self.field_manager = field_manager[:128]
+        # Called before every write: the leader election's fence (raises when not leading).
+        self.fence: Any = lambda: None
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.batch = kubernetes.client.BatchV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
+        self.coordination = kubernetes.client.CoordinationV1Api(api_client)
 
-    def request(self, method: str, path: str, body: Any = None,
-                query: dict[str, Any] | None = None, content_type: str = "application/json",
-                timeout: float = 30) -> Manifest:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        authorization = self._authorization()
-        if authorization:
-            headers["Authorization"] = authorization
-        query_params = list((query or {}).items())
-        if hasattr(self.client, "param_serialize"):  # kubernetes >= 37 (new generator)
-            method, url, headers, body, post = self.client.param_serialize(
-                method=method, resource_path=path, query_params=query_params,
-                header_params=headers, body=body, auth_settings=[])
-            response = self.client.call_api(method, url, header_params=headers, body=body,
-                                            post_params=post, _request_timeout=timeout)
-            data = response.read()
-            if not 200 <= response.status < 300:
-                raise ApiException(status=response.status, reason=response.reason,
-                                   body=data.decode(errors="replace") if data else None)
-        else:  # raises ApiException itself on a non-2xx answer
-            response = self.client.call_api(
-                path, method, query_params=query_params, header_params=headers, body=body,
-                auth_settings=[], _preload_content=False,
-                _request_timeout=timeout)
-            data = response.data
+    @staticmethod
+    def _call(method: Any, *args: Any, timeout: float = REQUEST_TIMEOUT_SECONDS,
+              **kwargs: Any) -> Manifest:
+        response = method(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+        data = response.data
         return json.loads(data) if data else {}
 
-    def _authorization(self) -> str | None:
-        """The bearer token, wherever this client version keeps it: kubernetes 36.0.0's config
-        loaders store it under "authorization" while its API classes read "BearerToken" (token
-        auth silently becomes anonymous). Reading it calls the refresh hook, so rotated in-cluster
-        tokens are picked up."""
-        config = self.client.configuration
-        return (config.get_api_key_with_prefix("BearerToken")
-                or config.get_api_key_with_prefix("authorization"))
-
-    def _get(self, path: str) -> Manifest | None:
+    def _get(self, method: Any, *args: Any, **kwargs: Any) -> Manifest | None:
         try:
-            return self.request("GET", path)
+            return self._call(method, *args, **kwargs)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
     # FineTuneJobs
-    @staticmethod
-    def _finetunejob_path(namespace: str, name: str) -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
-
     def get_finetunejob(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(self._finetunejob_path(namespace, name))
+        return self._get(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
+                         PLURAL, name)
 
-    def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.request("PATCH", self._finetunejob_path(namespace, name) + "/status",
-                     {"status": status}, content_type=MERGE_PATCH)
+    def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]
+                                 ) -> Manifest:
+        self.fence()
+        return self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
+                          namespace, PLURAL, name, {"status": status},
+                          field_manager=self.field_manager, _content_type=MERGE_PATCH)
+
+    def finetunejob_versions(self, namespaces: tuple[str, ...]) -> dict[tuple[str, str], int]:
+        """(namespace, name) -> resourceVersion of every FineTuneJob, listed as metadata only
+        (PartialObjectMetadataList: no spec, no status)."""
+        paths = ([f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces]
+                 or [f"/apis/{GROUP}/{VERSION}/{PLURAL}"])
+        versions = {}
+        for path in paths:
+            response = self.client.call_api(
+                path, "GET", header_params={"Accept": METADATA_LIST}, auth_settings=["BearerToken"],
+                _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            for item in json.loads(response.data).get("items") or []:
+                meta = item["metadata"]
+                versions[(meta["namespace"], meta["name"])] = int(meta["resourceVersion"])
+        return versions
 
     def delete_finetunejob(self, namespace: str, name: str, uid: str) -> None:
+        self.fence()
         try:
-            self.request("DELETE", self._finetunejob_path(namespace, name),
-                         {"apiVersion": "v1", "kind": "DeleteOptions",
-                          "propagationPolicy": "Background", "preconditions": {"uid": uid}})
+            self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace,
+                       PLURAL, name, propagation_policy="Background",
+                       body={"apiVersion": "v1", "kind": "DeleteOptions",
+                             "preconditions": {"uid": uid}})
         except ApiException as error:
             if error.status not in (404, 409):  # gone already, or a new one with that name
                 raise
 
     # Children
     def get_job(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+        return self._get(self.batch.read_namespaced_job, name, namespace)
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> Manifest:
-        return self.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
-                            patch, content_type=MERGE_PATCH)
+        self.fence()
+        return self._call(self.batch.patch_namespaced_job, name, namespace, patch,
+                          field_manager=self.field_manager, _content_type=MERGE_PATCH)
 
-    def get_configmap(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+    def failed_creates(self, namespace: str, job_uid: str) -> list[Manifest]:
+        """The Job controller's FailedCreate Events of one Job (quota exceeded, a missing
+        ServiceAccount or PriorityClass): they are on no object the operator watches."""
+        events = self._call(self.core.list_namespaced_event, namespace,
+                            field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate")
+        return events.get("items") or []
+
+    def _create_call(self, manifest: Manifest) -> tuple[Any, Any]:
+        namespace = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
+        kind = manifest["kind"]
+        if kind == "Job":
+            return (lambda: self._call(self.batch.create_namespaced_job, namespace, manifest,
+                                       field_manager=self.field_manager),
+                    lambda: self._get(self.batch.read_namespaced_job, name, namespace))
+        if kind == "Service":
+            return (lambda: self._call(self.core.create_namespaced_service, namespace, manifest,
+                                       field_manager=self.field_manager),
+                    lambda: self._get(self.core.read_namespaced_service, name, namespace))
+        if kind == "NetworkPolicy":
+            return (lambda: self._call(self.networking.create_namespaced_network_policy,
+                                       namespace, manifest, field_manager=self.field_manager),
+                    lambda: self._get(self.networking.read_namespaced_network_policy, name,
+                                      namespace))
+        raise ValueError(f"no create call for kind {kind}")
 
     def create_or_adopt(self, manifest: Manifest, owner_uid: str) -> tuple[Manifest, bool]:
         """Create a child, or return the existing one when it is ours (idempotent after a
         restart at any moment). Returns (object, created)."""
-        namespace = manifest["metadata"]["namespace"]
-        name = manifest["metadata"]["name"]
-        collection = {"Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
-                      "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-                      "Service": f"/api/v1/namespaces/{namespace}/services",
-                      "NetworkPolicy": f"/apis/networking.k8s.io/v1/namespaces/{namespace}/"
-                                       "networkpolicies"}[manifest["kind"]]
+        self.fence()
+        create, read = self._create_call(manifest)
         try:
-            return self.request("POST", collection, manifest), True
+            return create(), True
         except ApiException as error:
             if error.status != 409:
                 raise
-        existing = self._get(f"{collection}/{name}")
+        existing = read()
         if existing is None:  # deleted between our create and read: let the retry create it
-            raise ApiException(status=409, reason=f"{manifest['kind']} {name} is being deleted")
+            raise ApiException(status=409, reason=f"{manifest['kind']} "
+                                                  f"{manifest['metadata']['name']} is being deleted")
         owned = any(ref.get("uid") == owner_uid and ref.get("controller")
                     for ref in existing["metadata"].get("ownerReferences") or [])
         if not owned:
@@ -171,22 +191,25 @@ class Kube:
         return existing, False
 
     # Leases (leader election)
-    def get_lease(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
+    def get_lease(self, namespace: str, name: str,
+                  timeout: float = REQUEST_TIMEOUT_SECONDS) -> Manifest | None:
+        return self._get(self.coordination.read_namespaced_lease, name, namespace,
+                         timeout=timeout)
 
-    def create_lease(self, lease: Manifest) -> Manifest:
-        namespace = lease["metadata"]["namespace"]
-        return self.request("POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
-                            lease)
+    def create_lease(self, lease: Manifest, timeout: float = REQUEST_TIMEOUT_SECONDS
+                     ) -> Manifest:
+        return self._call(self.coordination.create_namespaced_lease,
+                          lease["metadata"]["namespace"], lease, timeout=timeout)
 
-    def replace_lease(self, lease: Manifest) -> Manifest:
+    def replace_lease(self, lease: Manifest, timeout: float = REQUEST_TIMEOUT_SECONDS
+                      ) -> Manifest:
         meta = lease["metadata"]
-        return self.request(
-            "PUT", f"/apis/coordination.k8s.io/v1/namespaces/{meta['namespace']}/leases/"
-                   f"{meta['name']}", lease)
+        return self._call(self.coordination.replace_namespaced_lease, meta["name"],
+                          meta["namespace"], lease, timeout=timeout)
 
     # Events
     def post_event(self, finetunejob: Manifest, type_: str, reason: str, message: str) -> None:
+        self.fence()
         meta = finetunejob["metadata"]
         now = datetime.now(timezone.utc)
         event = {
@@ -202,7 +225,7 @@ class Kube:
             "firstTimestamp": timestamp(now), "lastTimestamp": timestamp(now), "count": 1,
         }
         try:
-            self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+            self._call(self.core.create_namespaced_event, meta["namespace"], event)
         except ApiException as error:  # an Event is a courtesy; never fail a reconcile for it
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"],
                         meta["name"], error.reason)

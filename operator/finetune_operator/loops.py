@@ -1,27 +1,40 @@
-"""Operator-wide background loops, run next to kopf on the leader only: reading trainers'
-progress, deleting finished FineTuneJobs after their TTL, failing jobs whose trainer could not
-start within the grace, and retrying status refreshes that failed. Not kopf timers: those add a
-finalizer to every object they serve, and a finalizer would block deletion while the operator is
-down."""
+"""The operator's background work next to kopf's watches, on the leader only: the reconcile
+workers, which take FineTuneJob keys off the WorkQueue and run the Reconciler in the bounded
+pool, and the progress reader, which reads running trainers' /metrics and hands each reading to
+the reconciliation as one more observation.
+
+A trainer's /metrics is served by a tenant's pod, so it is read defensively: at most
+MAX_METRICS_BYTES, within SCRAPE_TIMEOUT_SECONDS, parsed in the pool (never on the event loop),
+keeping only the metric names the status uses. A huge, slow or garbled body costs one failed
+read, not the operator's memory, its loop or its Lease.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from concurrent.futures import Executor
 from typing import Any
 
 import aiohttp
 
 from finetune_operator import metrics
 from finetune_operator.builders import CONTAINER_NAME
+from finetune_operator.health import Health, WatchCheck
 from finetune_operator.progress import parse_exposition
 from finetune_operator.reconciler import Reconciler
-from finetune_operator.status import RUNNING, TERMINAL_PHASES, parse_time
+from finetune_operator.status import RUNNING
+from finetune_operator.view import ClusterView
+from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_SECONDS = 3
-DEADLINE_SWEEP_SECONDS = 2
+MAX_METRICS_BYTES = 256 * 1024
+SCRAPE_CONCURRENCY = 32
+
+
+class TooLarge(ValueError):
+    pass
 
 
 def metrics_url(pod: dict[str, Any]) -> str | None:
@@ -38,16 +51,19 @@ def metrics_url(pod: dict[str, Any]) -> str | None:
     return f"http://{host}:{port}/metrics"
 
 
-def running_targets(reconciler: Reconciler) -> list[tuple[str, str, str]]:
+def running_targets(view: ClusterView) -> list[tuple[str, str, str]]:
+    """(namespace, name, url) of one running trainer pod of each running FineTuneJob: with
+    several workers, any pod serves rank 0's figures or its own, and the parser keeps rank 0."""
     targets = []
-    for finetunejob in reconciler.view.finetunejobs():
+    for finetunejob in view.finetunejobs():
         meta = finetunejob["metadata"]
         if (finetunejob.get("status") or {}).get("phase") != RUNNING:
             continue
-        job = reconciler.view.job(meta["namespace"], meta["name"], meta["uid"])
+        job = view.job(meta["namespace"], meta["name"], meta["uid"])
         if job is None:
             continue
-        for pod in reconciler.view.pods(job):
+        pods = sorted(view.pods(job), key=_completion_index)
+        for pod in pods:
             url = metrics_url(pod)
             if url and not pod["metadata"].get("deletionTimestamp"):
                 targets.append((meta["namespace"], meta["name"], url))
@@ -55,76 +71,85 @@ def running_targets(reconciler: Reconciler) -> list[tuple[str, str, str]]:
     return targets
 
 
-async def _read_progress(reconciler: Reconciler, session: aiohttp.ClientSession,
+def _completion_index(pod: dict[str, Any]) -> int:
+    """Rank 0's pod first (an Indexed Job's pod names end in -<index>-<suffix>)."""
+    parts = pod["metadata"].get("name", "").rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
+async def read_capped(session: aiohttp.ClientSession, url: str,
+                      limit: int = MAX_METRICS_BYTES) -> bytes:
+    """The body at `url`, or TooLarge as soon as it passes `limit` bytes."""
+    async with session.get(url) as response:
+        response.raise_for_status()
+        if response.content_length is not None and response.content_length > limit:
+            raise TooLarge(f"{url} announces {response.content_length} bytes")
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(f"{url} sent more than {limit} bytes")
+    return bytes(body)
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    return parse_exposition(body.decode("utf-8", errors="replace"))
+
+
+async def _read_progress(view: ClusterView, queue: WorkQueue, pool: Executor,
+                         session: aiohttp.ClientSession, limiter: asyncio.Semaphore,
                          namespace: str, name: str, url: str) -> None:
-    try:
-        async with session.get(url) as response:
-            response.raise_for_status()
-            text = await response.text()
-        samples = parse_exposition(text)
-        await asyncio.to_thread(reconciler.record_progress, namespace, name, samples)
-        metrics.progress_reads.labels("success").inc()
-    except Exception as error:  # a trainer between epochs or restarting: next round
-        metrics.progress_reads.labels("error").inc()
-        log.debug("progress of %s/%s from %s: %s", namespace, name, url, error)
+    async with limiter:
+        try:
+            body = await read_capped(session, url)
+            samples = await asyncio.get_running_loop().run_in_executor(pool, parse_body, body)
+        except Exception as error:  # a trainer between epochs, restarting, or misbehaving
+            metrics.progress_reads.labels("error").inc()
+            log.debug("progress of %s/%s from %s: %s", namespace, name, url, error)
+            return
+    metrics.progress_reads.labels("success").inc()
+    if samples != view.progress(namespace, name):
+        view.put_progress(namespace, name, samples)
+        queue.add((namespace, name))
 
 
-async def progress_loop(reconciler: Reconciler, interval: float) -> None:
+async def progress_loop(view: ClusterView, queue: WorkQueue, pool: Executor,
+                        interval: float) -> None:
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
+    limiter = asyncio.Semaphore(SCRAPE_CONCURRENCY)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while True:
-            targets = running_targets(reconciler)
-            await asyncio.gather(*(_read_progress(reconciler, session, *t) for t in targets))
+            await asyncio.gather(*(_read_progress(view, queue, pool, session, limiter, *target)
+                                   for target in running_targets(view)))
             await asyncio.sleep(interval)
 
 
-def expired(finetunejob: dict[str, Any], now: datetime) -> bool:
-    status = finetunejob.get("status") or {}
-    ttl = (finetunejob.get("spec") or {}).get("ttlSecondsAfterFinished")
-    if ttl is None or status.get("phase") not in TERMINAL_PHASES:
-        return False
-    finished = parse_time(status.get("completionTime"))
-    return finished is not None and (now - finished).total_seconds() >= ttl
-
-
-def start_error_overdue(finetunejob: dict[str, Any], now: datetime, grace_seconds: int) -> bool:
-    """The trainer container has been unable to start for longer than the grace: a missing
-    Secret changes nothing in the pod, so no watch event would bring the job's status up."""
-    status = finetunejob.get("status") or {}
-    since = parse_time((status.get("startError") or {}).get("since"))
-    return (since is not None and status.get("phase") not in TERMINAL_PHASES
-            and (now - since).total_seconds() >= grace_seconds)
-
-
-async def deadline_loop(reconciler: Reconciler) -> None:
-    """Acts on FineTuneJobs whose time is up: deletes the finished ones past their TTL, and
-    re-derives the status of those whose trainer could not start within the grace."""
-    grace = reconciler.config.start_error_grace_seconds
-    while True:
-        now = datetime.now(timezone.utc)
-        for finetunejob in reconciler.view.finetunejobs():
-            meta = finetunejob["metadata"]
-            if meta.get("deletionTimestamp"):
-                continue
-            try:
-                if expired(finetunejob, now):
-                    await asyncio.to_thread(reconciler.expire, finetunejob)
-                elif start_error_overdue(finetunejob, now, grace):
-                    await asyncio.to_thread(reconciler.refresh, meta["namespace"], meta["name"])
-            except Exception as error:
-                log.warning("acting on %s/%s at its deadline failed: %s", meta["namespace"],
-                            meta["name"], error)
-        await asyncio.sleep(DEADLINE_SWEEP_SECONDS)
-
-
-async def retry_loop(reconciler: Reconciler, interval: float = 5) -> None:
-    """Status refreshes from watch events are fire-and-forget in kopf; the ones that failed
-    (API unavailable, conflict) are retried here until they succeed."""
+async def watch_check_loop(view: ClusterView, kube: Any, pool: Executor, health: Health,
+                           namespaces: tuple[str, ...], interval: float) -> None:
+    check = WatchCheck()
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
-        for namespace, name in reconciler.take_failed_refreshes():
-            try:
-                await asyncio.to_thread(reconciler.refresh, namespace, name)
-            except Exception as error:
-                reconciler.mark_refresh_failed(namespace, name)
-                log.warning("refreshing %s/%s failed again: %s", namespace, name, error)
+        try:
+            listed = await loop.run_in_executor(pool, kube.finetunejob_versions, namespaces)
+        except Exception as error:  # the API unreachable says nothing about the watch
+            log.warning("listing FineTuneJobs to check the watch: %s", error)
+            continue
+        health.watch_checked(check.check(listed, view.finetunejob_versions()))
+
+
+async def reconcile_worker(queue: WorkQueue, reconciler: Reconciler, pool: Executor) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await queue.get()
+        try:
+            requeue = await loop.run_in_executor(pool, reconciler.sync, *key)
+        except Exception as error:
+            delay = queue.retry(key)
+            log.warning("reconciling %s/%s failed, retrying in %.1f s: %s", *key, delay, error)
+        else:
+            queue.succeeded(key)
+            if requeue is not None:
+                queue.add_after(key, requeue)
+        finally:
+            queue.done(key)

@@ -10,27 +10,31 @@ PolicyRule = dict[str, Any]
 
 # ClusterRole (or a Role per namespace in FINETUNE_WATCH_NAMESPACES).
 CLUSTER_RULES: list[PolicyRule] = [
-    # Watch FineTuneJobs, write their status (kopf keeps its bookkeeping in status too) and delete
-    # them when ttlSecondsAfterFinished has passed. No update/patch of the main resource: the
+    # Watch FineTuneJobs, write their status and delete them when ttlSecondsAfterFinished has
+    # passed. No update/patch of the main resource: the
     # operator never writes spec, labels or annotations.
     {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"],
      "verbs": ["get", "list", "watch", "delete"]},
     {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"],
      "verbs": ["get", "patch"]},
+    # Children's ownerReferences set blockOwnerDeletion (foreground deletion waits for them);
+    # with the OwnerReferencesPermissionEnforcement admission plugin (OpenShift) that needs
+    # update on the owner's finalizers.
+    {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/finalizers"],
+     "verbs": ["update"]},
     # The trainer Job: create, track, suspend/resume and patch its mutable fields.
     {"apiGroups": ["batch"], "resources": ["jobs"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     # Pods are only observed (scheduling messages, waiting reasons, termination messages, podIP).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    # The spec file mounted into the trainer.
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
     # Headless Service for the rendezvous of multi-worker jobs (spec.resources.workers > 1).
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     # The ingress rules of each job's trainer pods (FINETUNE_NETWORK_POLICIES).
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["get", "create"]},
-    # Phase transitions as Events on the FineTuneJob.
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Phase transitions as Events on the FineTuneJob; the Job controller's FailedCreate Events
+    # read to say why a Job has no pods.
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 
 # Role in the operator's own namespace (POD_NAMESPACE): leader election.

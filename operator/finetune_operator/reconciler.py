@@ -1,18 +1,21 @@
-"""Reconciliation: makes the children a FineTuneJob needs exist and writes its status.
+"""Reconciliation, level-triggered: `sync(namespace, name)` looks at what is observed now (the
+FineTuneJob, its trainer Job, the Job's pods, the trainer's latest progress reading, all from
+the ClusterView), makes the children that should exist, and writes the status in one patch when
+it changed. It is the only writer of status.
 
-Every write for one FineTuneJob happens under that job's lock and starts from a fresh read of it,
-so the kopf handlers, the progress poller and the TTL sweeper never overwrite each other's
-conditions. The decisions themselves are in the pure modules `builders`, `status`, `progress`.
+It runs in the operator's bounded pool of reconcile workers, one key at a time (WorkQueue), so
+no two workers ever act on one FineTuneJob. Reads come from the view, not the API: a create
+costs the API the children it creates and one status patch. The decisions themselves are in the
+pure modules `builders`, `status`, `progress`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import threading
 import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from kubernetes.client.rest import ApiException
 
@@ -31,6 +34,16 @@ from finetune_operator.view import ClusterView
 Manifest = dict[str, Any]
 log = logging.getLogger(__name__)
 
+# API answers to a create that no retry will change: the child as built is invalid (400, 422) or
+# the operator may not create it (403). The job fails, with the API's message naming the field.
+PERMANENT_CREATE_ERRORS = (400, 403, 422)
+# How often a Job whose pods the Job controller could not create is looked at again, and how
+# old a FailedCreate Event may be to still count.
+FAILED_CREATE_POLL_SECONDS = 5
+FAILED_CREATE_MAX_AGE_SECONDS = 600
+# A Job younger than this has not had its pods created yet, whatever the reason.
+POD_CREATION_GRACE_SECONDS = 2
+
 
 class RetryLater(Exception):
     """Not yet possible (a leftover child still being deleted, an API hiccup): try again."""
@@ -44,136 +57,232 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def api_message(error: ApiException) -> str:
+    """The API server's own message (it names the invalid field), else the HTTP reason."""
+    try:
+        return json.loads(error.body or "{}").get("message") or str(error.reason)
+    except (ValueError, AttributeError):
+        return str(error.reason)
+
+
+def is_permanent(error: ApiException) -> bool:
+    if error.status not in PERMANENT_CREATE_ERRORS:
+        return False
+    # An exceeded quota is a 403 that clears when other jobs finish.
+    return "exceeded quota" not in api_message(error)
+
+
 class Reconciler:
     def __init__(self, config: OperatorConfig, kube: Kube, view: ClusterView):
         self.config = config
         self.kube = kube
         self.view = view
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        self._failed_refreshes: set[tuple[str, str]] = set()
 
-    @contextmanager
-    def _locked(self, namespace: str, name: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault((namespace, name), threading.Lock())
-        with lock:
-            yield
-
-    def forget(self, namespace: str, name: str) -> None:
-        with self._locks_guard:
-            self._locks.pop((namespace, name), None)
-        self.view.forget(namespace, name)
-
-    def _current(self, namespace: str, name: str, uid: str) -> Manifest | None:
-        """The FineTuneJob as it is now, or None when it is gone, replaced or being deleted."""
-        finetunejob = self.kube.get_finetunejob(namespace, name)
-        if finetunejob is None or finetunejob["metadata"]["uid"] != uid:
-            return None
-        if finetunejob["metadata"].get("deletionTimestamp"):
-            return None
-        return finetunejob
-
-    # create / resume / spec update
-    def reconcile(self, body: Manifest) -> None:
+    def sync(self, namespace: str, name: str) -> float | None:
+        """Reconcile one FineTuneJob; returns in how many seconds it must be looked at again
+        without any watch event (a deadline, a Job waiting for its pods), or None."""
         started = time.monotonic()
-        meta = body["metadata"]
         try:
-            with self._locked(meta["namespace"], meta["name"]):
-                self._reconcile(meta["namespace"], meta["name"], meta["uid"])
+            requeue = self._sync(namespace, name)
         except RetryLater as error:
             metrics.reconciliations.labels("retry").inc()
             metrics.reconcile_errors.labels(type(error.__cause__ or error).__name__).inc()
-            raise
+            log.info("%s/%s: %s", namespace, name, error)
+            return error.delay
         except ApiException as error:
             metrics.reconciliations.labels("error").inc()
             metrics.reconcile_errors.labels(f"Api{error.status}").inc()
-            raise RetryLater(f"API error {error.status}: {error.reason}") from error
+            raise
         except Exception as error:
             metrics.reconciliations.labels("error").inc()
             metrics.reconcile_errors.labels(type(error).__name__).inc()
             raise
         else:
             metrics.reconciliations.labels("success").inc()
+            return requeue
         finally:
             metrics.reconcile_duration.observe(time.monotonic() - started)
 
-    def _reconcile(self, namespace: str, name: str, uid: str) -> None:
-        finetunejob = self._current(namespace, name, uid)
-        if finetunejob is None:
-            return
+    def _sync(self, namespace: str, name: str) -> float | None:
+        finetunejob = self.view.finetunejob(namespace, name)
+        if finetunejob is None or finetunejob["metadata"].get("deletionTimestamp"):
+            return None
         status = finetunejob.get("status") or {}
-        if status.get("phase") in TERMINAL_PHASES:
-            return  # finished is final: never re-create a Job (e.g. after a TTL or a restart)
         now = _now()
+        if status.get("phase") in TERMINAL_PHASES:
+            # Finished is final: never re-create a Job (e.g. after a TTL or a restart); later
+            # observations only fill in details.
+            return self._observe(finetunejob, now)
 
         try:
             validate_spec(finetunejob.get("spec"))
         except SpecError as error:
-            self._fail_invalid(finetunejob, error.problems, now)
-            return
+            self._fail(finetunejob, "InvalidSpec", "; ".join(error.problems), now,
+                       validity_conditions(finetunejob, error.problems, now))
+            return None
         conditions = validity_conditions(finetunejob, [], now)
-        if not status.get("jobName"):  # before anything is created for it
+        finetunejob = {**finetunejob, "status": {**status, "conditions": conditions}}
+
+        job = self._job(finetunejob)
+        if job is None and not status.get("jobName"):
             forbidden = tenancy.violations(finetunejob["spec"], self.config.tenancy)
             if forbidden:
                 self._fail(finetunejob, "PolicyViolation", "; ".join(forbidden), now, conditions)
-                return
-
-        try:
-            configmap, _ = self.kube.create_or_adopt(builders.build_spec_configmap(finetunejob),
-                                                     uid)
-            service = builders.build_rendezvous_service(finetunejob)
-            if service is not None:
-                self.kube.create_or_adopt(service, uid)
-            # Before the Job: its pods never run unprotected where a CNI enforces them.
-            for policy in builders.build_network_policies(finetunejob, self.config):
-                self.kube.create_or_adopt(policy, uid)
-            job = self.kube.get_job(namespace, builders.trainer_job_name(name))
-            if job is not None and not builders.is_owned_by(job, uid):
-                raise NotOurs(job)
-            if job is None and not status.get("jobName"):
-                job, created = self.kube.create_or_adopt(
-                    builders.build_trainer_job(finetunejob, self.config), uid)
-                if created:
-                    created_at = parse_time(finetunejob["metadata"].get("creationTimestamp"))
-                    if created_at:
-                        metrics.job_creation_latency.observe(
-                            max(0.0, (_now() - created_at).total_seconds()))
-                    log.info("created Job %s/%s", namespace, job["metadata"]["name"])
-        except NotOurs as conflict:
-            if conflict.being_replaced:
-                raise RetryLater(f"waiting for the previous {conflict}", delay=3) from conflict
-            self._fail(finetunejob, "NameConflict", str(conflict), now)
-            return
+                return None
+            try:
+                job = self._create_children(finetunejob)
+            except NotOurs as conflict:
+                if conflict.being_replaced:
+                    raise RetryLater(f"waiting for the previous {conflict}", delay=3) from conflict
+                self._fail(finetunejob, "NameConflict", str(conflict), now, conditions)
+                return None
+            except ApiException as error:
+                if not is_permanent(error):
+                    raise
+                kind = getattr(error, "kind", "child")
+                reason = "Forbidden" if error.status == 403 else f"{kind}Rejected"
+                self._fail(finetunejob, reason, f"the API server refused the trainer's {kind}: "
+                                                f"{api_message(error)}", now, conditions)
+                return None
 
         if job is not None:
             job_patch = builders.job_spec_patch(finetunejob["spec"], job)
             if job_patch:
                 job = self.kube.patch_job(namespace, job["metadata"]["name"], job_patch)
+                self.view.put_job(job)
                 log.info("patched Job %s/%s: %s", namespace, job["metadata"]["name"], job_patch)
+            unapplied = builders.unapplied_spec_changes(finetunejob["spec"],
+                                                        builders.applied_spec(job))
+            if unapplied or any(c.get("type") == "SpecApplied" for c in conditions):
+                finetunejob["status"]["conditions"] = spec_applied_conditions(
+                    finetunejob, unapplied, now)
+        return self._observe(finetunejob, now, job, written=status)
 
-        unapplied = builders.unapplied_spec_changes(finetunejob["spec"],
-                                                    builders.applied_spec(configmap))
-        with_conditions = {**finetunejob, "status": {**status, "conditions": conditions}}
-        if unapplied or any(c.get("type") == "SpecApplied" for c in conditions):
-            conditions = spec_applied_conditions(with_conditions, unapplied, now)
-            with_conditions["status"]["conditions"] = conditions
-        if unapplied:
-            self.kube.post_event(finetunejob, "Warning", "ChangeNotApplied",
-                                 conditions_message(conditions, "SpecApplied"))
+    def _job(self, finetunejob: Manifest) -> Manifest | None:
+        meta = finetunejob["metadata"]
+        job = self.view.job(meta["namespace"], meta["name"], meta["uid"])
+        job_name = (finetunejob.get("status") or {}).get("jobName")
+        if job is None and job_name:
+            # Known by status but not (yet) by the Job watch, e.g. just after a restart: ask.
+            job = self.kube.get_job(meta["namespace"], job_name)
+            if job is not None and builders.is_owned_by(job, meta["uid"]):
+                self.view.put_job(job)
+            else:
+                job = None
+        return job
 
+    def _create_children(self, finetunejob: Manifest) -> Manifest:
+        meta = finetunejob["metadata"]
+        children = [builders.build_rendezvous_service(finetunejob),
+                    # Before the Job: its pods never run unprotected where a CNI enforces them.
+                    *builders.build_network_policies(finetunejob, self.config),
+                    builders.build_trainer_job(finetunejob, self.config)]
+        job: Manifest = {}
+        for child in filter(None, children):
+            try:
+                created, fresh = self.kube.create_or_adopt(child, meta["uid"])
+            except ApiException as error:
+                error.kind = child["kind"]  # for the failure's message
+                raise
+            if child["kind"] == "Job":
+                job = created
+                self.view.put_job(job)
+                if fresh:
+                    created_at = parse_time(meta.get("creationTimestamp"))
+                    if created_at:
+                        metrics.job_creation_latency.observe(
+                            max(0.0, (_now() - created_at).total_seconds()))
+                    log.info("created Job %s/%s", meta["namespace"], job["metadata"]["name"])
+        return job
+
+    def _observe(self, finetunejob: Manifest, now: datetime, job: Manifest | None = None,
+                 written: dict[str, Any] | None = None) -> float | None:
+        """Write the status the Job, its pods and the trainer's progress say, where it differs
+        from the status `written` (default: the FineTuneJob's)."""
+        meta = finetunejob["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        status = finetunejob.get("status") or {}
+        written = status if written is None else written
+        if job is None:
+            job = self._job(finetunejob)
         pods = self.view.pods(job) if job is not None else []
-        update = derive_status(with_conditions, job, pods, now,
-                               self.view.attempts(job) if job is not None else 0,
-                               config=self.config,
-                               disrupted=self.view.disruptions(job) if job is not None else [])
-        update.patch.setdefault("conditions", conditions)
-        update.patch["observedGeneration"] = finetunejob["metadata"].get("generation")
+        awaiting_pods = job is not None and self._awaiting_pods(job, pods)
+        failed_create = self._failed_create(job, now) if awaiting_pods else None
+        update = derive_status(
+            finetunejob, job, pods, now, self.view.attempts(job) if job is not None else 0,
+            self.view.preemptions(job) if job is not None else [], self.config,
+            self.view.disruptions(job) if job is not None else [], failed_create)
+        if status.get("phase") not in TERMINAL_PHASES:
+            update.patch.setdefault("conditions", status.get("conditions"))
+            update.patch["observedGeneration"] = meta.get("generation")
+        samples = self.view.progress(namespace, name)
+        if samples is not None and update.new_phase == RUNNING:
+            update.patch.update(progress_patch(samples, finetunejob.get("spec") or {},
+                                               {**status, **update.patch}, now))
+        update.patch = {k: v for k, v in update.patch.items() if written.get(k) != v}
+        unapplied = conditions_message(update.patch.get("conditions") or [], "SpecApplied",
+                                       status="False")
+        if unapplied and unapplied != conditions_message(written.get("conditions") or [],
+                                                         "SpecApplied", status="False"):
+            update.notices.append(("Warning", "ChangeNotApplied", unapplied))
         self._apply(finetunejob, update)
+        return self._requeue_after(finetunejob, update, awaiting_pods, now)
 
-    def _fail_invalid(self, finetunejob: Manifest, problems: list[str], now: datetime) -> None:
-        conditions = validity_conditions(finetunejob, problems, now)
-        self._fail(finetunejob, "InvalidSpec", "; ".join(problems), now, conditions)
+    @staticmethod
+    def _awaiting_pods(job: Manifest, pods: list[Manifest]) -> bool:
+        """The Job should have pods and has none: nothing will be watched if it cannot make
+        them (quota, ServiceAccount, PriorityClass), so it is looked at again until it does."""
+        job_status = job.get("status") or {}
+        return not ((job.get("spec") or {}).get("suspend") or job_status.get("active")
+                    or any(not p["metadata"].get("deletionTimestamp") for p in pods)
+                    or any(c.get("status") == "True"
+                           for c in job_status.get("conditions") or []))
+
+    def _failed_create(self, job: Manifest, now: datetime) -> str | None:
+        """The newest recent FailedCreate message of a Job that has no pods."""
+        created = parse_time(job["metadata"].get("creationTimestamp")) or now
+        if (now - created).total_seconds() < POD_CREATION_GRACE_SECONDS:
+            return None
+        events = self.kube.failed_creates(job["metadata"]["namespace"], job["metadata"]["uid"])
+        recent = [e for e in events
+                  if (now - (parse_time(e.get("lastTimestamp") or e.get("eventTime"))
+                             or created)).total_seconds() <= FAILED_CREATE_MAX_AGE_SECONDS]
+        newest = max(recent, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "",
+                     default=None)
+        return newest.get("message") if newest else None
+
+    def _requeue_after(self, finetunejob: Manifest, update: StatusUpdate,
+                       awaiting_pods: bool, now: datetime) -> float | None:
+        """When this job needs looking at again with nothing to watch: a start error's grace
+        running out, a Job that has no pods yet, a finished job's TTL."""
+        status = {**(finetunejob.get("status") or {}), **update.patch}
+        waits = []
+        since = parse_time((status.get("startError") or {}).get("since"))
+        if since is not None:
+            deadline = since + timedelta(seconds=self.config.start_error_grace_seconds)
+            waits.append((deadline - now).total_seconds())
+        if awaiting_pods and update.new_phase not in TERMINAL_PHASES:
+            waits.append(FAILED_CREATE_POLL_SECONDS)
+        if status.get("phase") in TERMINAL_PHASES:
+            return self._expire_when_due({**finetunejob, "status": status}, now)
+        return max(0.1, min(waits)) if waits else None
+
+    def _expire_when_due(self, finetunejob: Manifest, now: datetime) -> float | None:
+        """Delete a finished FineTuneJob once ttlSecondsAfterFinished has passed; until then,
+        the seconds left."""
+        status = finetunejob.get("status") or {}
+        ttl = (finetunejob.get("spec") or {}).get("ttlSecondsAfterFinished")
+        finished = parse_time(status.get("completionTime"))
+        if ttl is None or finished is None:
+            return None
+        left = ttl - (now - finished).total_seconds()
+        if left > 0:
+            return left
+        meta = finetunejob["metadata"]
+        log.info("deleting %s/%s: ttlSecondsAfterFinished has passed", meta["namespace"],
+                 meta["name"])
+        self.kube.delete_finetunejob(meta["namespace"], meta["name"], meta["uid"])
+        return None
 
     def _fail(self, finetunejob: Manifest, reason: str, message: str, now: datetime,
               conditions: list[dict[str, Any]] | None = None) -> None:
@@ -188,44 +297,6 @@ class Reconciler:
             old_phase, FAILED, event=("Warning", FAILED, f"{reason}: {message}"))
         self._apply(finetunejob, update)
 
-    # Job / pod observed
-    def refresh(self, namespace: str, name: str) -> None:
-        with self._locked(namespace, name):
-            finetunejob = self.kube.get_finetunejob(namespace, name)
-            if finetunejob is None or finetunejob["metadata"].get("deletionTimestamp"):
-                return
-            uid = finetunejob["metadata"]["uid"]
-            status = finetunejob.get("status") or {}
-            job = self.view.job(namespace, name, uid)
-            if job is None and not status.get("jobName"):
-                return  # not created yet: the create handler will
-            if job is None and self.kube.get_job(namespace, status["jobName"]) is not None:
-                return  # the watch has not delivered it yet
-            pods = self.view.pods(job) if job is not None else []
-            self._apply(finetunejob, derive_status(
-                finetunejob, job, pods, _now(), self.view.attempts(job) if job is not None else 0,
-                self.view.preemptions(job) if job is not None else [], self.config,
-                self.view.disruptions(job) if job is not None else []))
-
-    def refresh_or_defer(self, namespace: str, name: str) -> None:
-        """For watch events, which kopf does not retry: a failed refresh is queued for the
-        retry loop instead of being lost."""
-        try:
-            self.refresh(namespace, name)
-        except Exception as error:
-            metrics.reconcile_errors.labels(type(error).__name__).inc()
-            log.warning("status refresh of %s/%s failed, will retry: %s", namespace, name, error)
-            self.mark_refresh_failed(namespace, name)
-
-    def mark_refresh_failed(self, namespace: str, name: str) -> None:
-        with self._locks_guard:
-            self._failed_refreshes.add((namespace, name))
-
-    def take_failed_refreshes(self) -> list[tuple[str, str]]:
-        with self._locks_guard:
-            failed, self._failed_refreshes = list(self._failed_refreshes), set()
-        return failed
-
     def _apply(self, finetunejob: Manifest, update: StatusUpdate) -> None:
         meta = finetunejob["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -234,9 +305,8 @@ class Reconciler:
             # a stop that did not happen would leave its pods running.
             self._stop_job(finetunejob)
         if update.patch:
-            self.kube.patch_finetunejob_status(namespace, name, update.patch)
-            self.view.put_finetunejob({**finetunejob, "status": {
-                **(finetunejob.get("status") or {}), **update.patch}})
+            written = self.kube.patch_finetunejob_status(namespace, name, update.patch)
+            self.view.put_finetunejob(written)
         if update.transitioned:
             log.info("%s/%s: %s -> %s", namespace, name, update.old_phase, update.new_phase)
             if update.new_phase == RUNNING and not (finetunejob.get("status") or {}).get(
@@ -264,18 +334,6 @@ class Reconciler:
             if error.status != 404:
                 raise
 
-    # Progress and TTL
-    def record_progress(self, namespace: str, name: str, samples: dict[str, Any]) -> None:
-        with self._locked(namespace, name):
-            finetunejob = self.kube.get_finetunejob(namespace, name)
-            if finetunejob is None or (finetunejob.get("status") or {}).get("phase") != RUNNING:
-                return
-            patch = progress_patch(samples, finetunejob.get("spec") or {},
-                                   finetunejob.get("status") or {}, _now())
-            self.kube.patch_finetunejob_status(namespace, name, patch)
-            if "lastCheckpoint" in patch:
-                self._annotate_checkpoint(finetunejob, patch["lastCheckpoint"])
-
     def _annotate_checkpoint(self, finetunejob: Manifest, checkpoint: dict[str, Any]) -> None:
         """The latest checkpoint's time on the trainer Job too, where a queueing system (or a
         person choosing what to preempt) looks: the job that checkpointed last loses least."""
@@ -289,12 +347,8 @@ class Reconciler:
             if error.status != 404:
                 raise
 
-    def expire(self, finetunejob: Manifest) -> None:
-        meta = finetunejob["metadata"]
-        log.info("deleting %s/%s: ttlSecondsAfterFinished has passed", meta["namespace"],
-                 meta["name"])
-        self.kube.delete_finetunejob(meta["namespace"], meta["name"], meta["uid"])
 
-
-def conditions_message(conditions: list[dict[str, Any]], type_: str) -> str:
-    return next((c.get("message", "") for c in conditions if c.get("type") == type_), "")
+def conditions_message(conditions: list[dict[str, Any]], type_: str, status: str | None = None
+                       ) -> str:
+    return next((c.get("message", "") for c in conditions if c.get("type") == type_
+                 and (status is None or c.get("status") == status)), "")

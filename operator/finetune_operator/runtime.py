@@ -1,13 +1,18 @@
-"""The running operator: metrics server, leader Lease, then kopf with the handlers and the
-background loops, all in one asyncio loop."""
+"""The running operator: metrics server, leader Lease, then kopf's watches, the reconcile
+workers and the progress reader, all in one asyncio loop.
+
+Concurrency: the loop never blocks. kopf's handlers are async and only record observations and
+queue keys; every Kubernetes API call is made by sync code in one bounded pool of
+`reconcile_workers` threads (the Reconciler, one key at a time) and, apart from it, by the
+Lease keeper's own thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 # kopf imports kubernetes_asyncio (shipped inside the kubernetes wheel) only to recognise its
 # model objects as handler results, which this operator never returns; skipping it saves ~45 MiB
@@ -19,51 +24,46 @@ import kopf  # noqa: E402
 from finetune_operator import handlers  # noqa: E402,F401  (registers the kopf handlers)
 from finetune_operator import loops, metrics  # noqa: E402
 from finetune_operator.config import OperatorConfig  # noqa: E402
+from finetune_operator.health import Health, serve as serve_health  # noqa: E402
 from finetune_operator.kube import Kube  # noqa: E402
-from finetune_operator.leader import LeaseElector  # noqa: E402
+from finetune_operator.leader import LeaseElector, LeaseKeeper  # noqa: E402
 from finetune_operator.reconciler import Reconciler  # noqa: E402
 from finetune_operator.view import ClusterView  # noqa: E402
+from finetune_operator.workqueue import WorkQueue  # noqa: E402
 
 log = logging.getLogger("finetune_operator")
-EXIT_LOST_LEASE = 3
-
-
-async def _keep_lease(elector: LeaseElector) -> None:
-    last_renewed = time.monotonic()
-    while True:
-        await asyncio.sleep(elector.retry_seconds)
-        try:
-            if await asyncio.to_thread(elector.try_acquire_or_renew):
-                last_renewed = time.monotonic()
-                continue
-            reason = "another replica holds the Lease"
-        except Exception as error:  # API unreachable: keep trying until the deadline
-            reason = str(error)
-        if time.monotonic() - last_renewed > elector.renew_deadline_seconds:
-            log.error("lost the leader Lease (%s); exiting so that only one replica acts", reason)
-            logging.shutdown()
-            os._exit(EXIT_LOST_LEASE)
 
 
 async def run(config: OperatorConfig) -> None:
-    kube = Kube()
+    # One pooled connection per worker, plus the Lease keeper's.
+    kube = Kube(connections=config.reconcile_workers + 2, field_manager=config.identity)
     view = ClusterView()
+    queue = WorkQueue()
+    pool = ThreadPoolExecutor(config.reconcile_workers, thread_name_prefix="reconcile")
     reconciler = Reconciler(config, kube, view)
     metrics.serve(config.metrics_addr, config.metrics_port, view.phases)
-    log.info("metrics on %s:%d", config.metrics_addr, config.metrics_port)
+    health = Health()
+    stop_health = await serve_health(health, config.metrics_addr, config.health_port)
+    log.info("metrics on %s:%d, /healthz on port %d", config.metrics_addr, config.metrics_port,
+             config.health_port)
 
-    elector = None
+    elector = keeper = None
     if config.leader_election:
-        elector = LeaseElector(kube, config.pod_namespace, config.lease_name,
+        # A Kube of its own: its connection is never busy with a reconciliation.
+        elector = LeaseElector(Kube(connections=1), config.pod_namespace, config.lease_name,
                                config.identity, config.lease_duration_seconds)
         await asyncio.to_thread(elector.acquire)
+        keeper = LeaseKeeper(elector)
+        keeper.start()
+        kube.fence = keeper.fence
     metrics.leader.set(1)
 
     background = [asyncio.create_task(coro) for coro in (
-        loops.progress_loop(reconciler, config.progress_interval_seconds),
-        loops.deadline_loop(reconciler),
-        loops.retry_loop(reconciler),
-        *([_keep_lease(elector)] if elector else []),
+        loops.progress_loop(view, queue, pool, config.progress_interval_seconds),
+        *(loops.reconcile_worker(queue, reconciler, pool)
+          for _ in range(config.reconcile_workers)),
+        loops.watch_check_loop(view, kube, pool, health, config.watch_namespaces,
+                               config.watch_check_seconds),
     )]
     try:
         await kopf.operator(
@@ -73,11 +73,15 @@ async def run(config: OperatorConfig) -> None:
             identity=config.identity,
             clusterwide=not config.watch_namespaces,
             namespaces=list(config.watch_namespaces),
-            memo=kopf.Memo(config=config, view=view, reconciler=reconciler),
+            memo=kopf.Memo(config=config, view=view, queue=queue),
         )
     finally:
         for task in background:
             task.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        await stop_health()
         metrics.leader.set(0)
+        if keeper:
+            keeper.stop()
         if elector:
             await asyncio.to_thread(elector.release)

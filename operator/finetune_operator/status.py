@@ -189,9 +189,11 @@ def _job_condition(job: Manifest, *types: str) -> dict[str, Any] | None:
 
 
 def judge(spec: dict[str, Any], status: dict[str, Any], job: Manifest | None,
-          pods: list[Manifest], now: datetime, config: OperatorConfig) -> Verdict:
+          pods: list[Manifest], now: datetime, config: OperatorConfig,
+          failed_create: str | None = None) -> Verdict:
     """The phase the Job and its pods put the FineTuneJob in; `status` is the FineTuneJob's
-    with this observation's disruptions counted."""
+    with this observation's disruptions counted; `failed_create`: why the Job controller could
+    not create the Job's pods lately (its FailedCreate Event), if it could not."""
     # Once the trainer has run, the gaps between its pods (one finishing before the Job says
     # Complete, one evicted and being replaced) are part of running, not a step back to Pending.
     has_run = bool(status.get("startTime")) or status.get("phase") == RUNNING
@@ -294,6 +296,10 @@ def judge(spec: dict[str, Any], status: dict[str, Any], job: Manifest | None,
             return Verdict(QUEUED, "Unschedulable",
                            condition.get("message") or "no node can run the trainer pod")
 
+    if failed_create and not active_pods:
+        # A quota, a ServiceAccount or a PriorityClass may still appear: the Job controller keeps
+        # trying, so the job waits, saying why.
+        return Verdict(QUEUED, "FailedCreate", failed_create)
     if last_failure:
         return Verdict(RUNNING, "Retrying",
                        f"retrying after {last_failure['reason']}: {last_failure['message']}")
@@ -416,7 +422,8 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
                   now: datetime, pods_started: int = 0,
                   preempted: list[dict[str, Any]] = (),
                   config: OperatorConfig = DEFAULT_CONFIG,
-                  disrupted: list[dict[str, Any]] = ()) -> StatusUpdate:
+                  disrupted: list[dict[str, Any]] = (),
+                  failed_create: str | None = None) -> StatusUpdate:
     """The status patch for `finetunejob` given its trainer Job (None: not there) and the Job's
     pods. `preempted`: what the Job's pods that stopped gracefully said; `disrupted`: the
     disruptions of its pods (ClusterView keeps both after the pods are gone). `config`: the
@@ -429,7 +436,7 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
     old_phase = status.get("phase")
     disruption_counts, disruption_notices = disruption_fields(
         status, [*disrupted, *filter(None, map(disruption, pods))])
-    verdict = judge(spec, {**status, **disruption_counts}, job, pods, now, config)
+    verdict = judge(spec, {**status, **disruption_counts}, job, pods, now, config, failed_create)
 
     if old_phase in TERMINAL_PHASES:
         # Watches of the Job and of its pods are separate streams: the Job may report Complete
@@ -483,7 +490,8 @@ def derive_status(finetunejob: Manifest, job: Manifest | None, pods: list[Manife
 
     patch = {k: v for k, v in new.items() if status.get(k) != v}
     event = None
-    if phase != old_phase:
+    # The first status of a job that has not started is no news: no Event (a write) for it.
+    if phase != old_phase and (old_phase or phase in (RUNNING, *TERMINAL_PHASES)):
         kind = "Warning" if phase == FAILED else "Normal"
         event = (kind, phase, verdict.message)
     return StatusUpdate(patch, old_phase, phase, event=event,

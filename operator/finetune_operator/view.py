@@ -1,7 +1,10 @@
-"""What the operator's watches have seen: FineTuneJobs, their trainer Jobs and the Jobs' pods.
+"""What the operator has observed: FineTuneJobs, their trainer Jobs, the Jobs' pods and the
+trainers' latest progress readings, as slim records (only the fields the reconciliation reads).
 
-Filled by the kopf event handlers (which run in a thread pool), read by the status refresh, the
-progress poller, the TTL sweeper and the metrics collector; hence the lock.
+Filled by the kopf event handlers on the event loop and by the reconcile workers with the objects
+their writes return; read by the reconcile workers (threads) and the metrics collector; hence the
+lock, held only to swap records. Records are never mutated in place. Nothing is kept for objects
+that are gone, except what a Job's deleted pods said, until the Job itself is deleted.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any, Iterator
 
 from finetune_api import contract
 
-from finetune_operator.builders import ANNOTATION_FINETUNEJOB, CONTAINER_NAME
+from finetune_operator.builders import ANNOTATION_FINETUNEJOB, ANNOTATION_SPEC, CONTAINER_NAME
 from finetune_operator.status import disruption
 
 Manifest = dict[str, Any]
@@ -28,25 +31,56 @@ def _container(pod: Manifest) -> dict[str, Any]:
     return next((c for c in statuses if c.get("name") == CONTAINER_NAME), {})
 
 
+def _resource_version(obj: Manifest | None) -> int | None:
+    try:
+        return int((obj or {}).get("metadata", {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+def is_stale(candidate: Manifest, known: Manifest | None) -> bool:
+    """The candidate is an older version of the same object than the one known: a watch event
+    delivered after the operator's own write returned a newer version. Resource versions are
+    compared as etcd's revisions; one that is not a number is never called stale."""
+    if not known or known["metadata"].get("uid") != candidate["metadata"].get("uid"):
+        return False
+    mine, theirs = _resource_version(candidate), _resource_version(known)
+    return mine is not None and theirs is not None and mine < theirs
+
+
 def _slim(obj: Manifest) -> Manifest:
-    """Keep what the status derivation reads; drop managedFields and the pod spec."""
+    """Keep what the reconciliation reads; drop managedFields, labels and most of the spec."""
     meta = obj.get("metadata", {})
     slim_meta = {k: meta[k] for k in ("name", "namespace", "uid", "generation",
-                                      "creationTimestamp", "deletionTimestamp", "ownerReferences",
-                                      "annotations", "labels", "resourceVersion") if k in meta}
-    slim = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": slim_meta,
+                                      "creationTimestamp", "deletionTimestamp", "resourceVersion")
+                 if k in meta}
+    controllers = [ref for ref in meta.get("ownerReferences") or [] if ref.get("controller")]
+    if controllers:
+        slim_meta["ownerReferences"] = controllers
+    kind = obj.get("kind")
+    slim = {"apiVersion": obj.get("apiVersion"), "kind": kind, "metadata": slim_meta,
             "status": obj.get("status") or {}}
     spec = obj.get("spec") or {}
-    if obj.get("kind") == "Pod":
+    if kind == "Pod":
+        annotations = meta.get("annotations") or {}
+        if ANNOTATION_FINETUNEJOB in annotations:
+            slim_meta["annotations"] = {ANNOTATION_FINETUNEJOB: annotations[ANNOTATION_FINETUNEJOB]}
         container = next((c for c in spec.get("containers") or []
                           if c.get("name") == CONTAINER_NAME), {})
         slim["spec"] = {"containers": [{"name": container.get("name"),
                                         "ports": container.get("ports") or []}]}
-    elif obj.get("kind") == "Job":
+    elif kind == "Job":
         slim["spec"] = {k: spec[k] for k in ("suspend", "backoffLimit", "activeDeadlineSeconds")
                         if k in spec}
+        template_annotations = ((spec.get("template") or {}).get("metadata") or {}).get(
+            "annotations") or {}
+        if ANNOTATION_SPEC in template_annotations:
+            slim["spec"]["template"] = {"metadata": {"annotations": {
+                ANNOTATION_SPEC: template_annotations[ANNOTATION_SPEC]}}}
     else:
         slim["spec"] = spec
+        # kopf's bookkeeping of earlier operator versions is not read.
+        slim["status"] = {k: v for k, v in slim["status"].items() if k != "kopf"}
     return slim
 
 
@@ -66,15 +100,26 @@ class ClusterView:
         # deleted: an evicted pod is gone within its grace period, and a status refresh that
         # failed meanwhile must still count it when it is retried.
         self._disrupted: dict[str, dict[str, dict[str, Any]]] = {}
+        # The latest reading of each running trainer's /metrics, parsed, by FineTuneJob.
+        self._progress: dict[Key, dict[str, Any]] = {}
 
     # FineTuneJobs
-    def put_finetunejob(self, body: Manifest, deleted: bool = False) -> None:
+    def put_finetunejob(self, body: Manifest) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        slim = _slim(body)
         with self._lock:
-            if deleted:
-                self._finetunejobs.pop(key, None)
-            else:
-                self._finetunejobs[key] = _slim(body)
+            if not is_stale(slim, self._finetunejobs.get(key)):
+                self._finetunejobs[key] = slim
+        return key
+
+    def finetunejob_versions(self) -> dict[Key, int]:
+        """(namespace, name) -> the resourceVersion last delivered or written."""
+        with self._lock:
+            return {key: _resource_version(body) or 0 for key, body in self._finetunejobs.items()}
+
+    def finetunejob(self, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            return self._finetunejobs.get((namespace, name))
 
     def finetunejobs(self) -> list[Manifest]:
         with self._lock:
@@ -99,7 +144,7 @@ class ClusterView:
                 self._started.pop(body["metadata"]["uid"], None)
                 self._preempted.pop(body["metadata"]["uid"], None)
                 self._disrupted.pop(body["metadata"]["uid"], None)
-            else:
+            elif not is_stale(body, current):
                 self._jobs[key] = _slim(body)
         return key
 
@@ -161,6 +206,19 @@ class ClusterView:
             pods = list(self._pods.get((meta["namespace"], meta["name"]), {}).values())
         return [p for p in pods if (_controller(p, "Job") or {}).get("uid") == meta["uid"]]
 
+    # Progress readings
+    def put_progress(self, namespace: str, name: str, samples: dict[str, Any]) -> None:
+        with self._lock:
+            if (namespace, name) in self._finetunejobs:
+                self._progress[(namespace, name)] = samples
+
+    def progress(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._progress.get((namespace, name))
+
     def forget(self, namespace: str, finetunejob_name: str) -> None:
+        """The FineTuneJob is gone: its Job and pods go with it (their own deletions are
+        observed too), its progress reading here."""
         with self._lock:
             self._finetunejobs.pop((namespace, finetunejob_name), None)
+            self._progress.pop((namespace, finetunejob_name), None)

@@ -85,10 +85,6 @@ def objects(kubectl, kind: str, namespace: str, selector: str = TRAINER_SELECTOR
     return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
 
 
-def configmaps(kubectl, namespace: str) -> list[dict]:
-    return objects(kubectl, "configmaps", namespace, "app.kubernetes.io/managed-by=finetune-operator")
-
-
 def s3_keys(s3_client, uri: str) -> list[str]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

@@ -226,22 +226,23 @@ def test_names_are_deterministic_and_fit_label_limits():
     assert builders.label_value(long_a) != builders.label_value(long_b)
 
 
-def test_configmap_carries_the_whole_manifest_the_trainer_reads():
+def test_the_pods_carry_the_whole_manifest_the_trainer_reads_as_its_spec_file():
     ftj = finetunejob()
-    configmap = builders.build_spec_configmap(ftj)
-    manifest = yaml.safe_load(configmap["data"][contract.SPEC_FILE_NAME])
+    job = builders.build_trainer_job(ftj, CONFIG)
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    manifest = yaml.safe_load(annotations[builders.ANNOTATION_SPEC])
     assert manifest == {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
                         "metadata": {"name": "flowers", "namespace": "team-a",
                                      "uid": ftj["metadata"]["uid"]},
                         "spec": ftj["spec"]}
-    assert configmap["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
-    job = builders.build_trainer_job(ftj, CONFIG)
     volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")
-    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert volume["downwardAPI"]["items"] == [{
+        "path": contract.SPEC_FILE_NAME,
+        "fieldRef": {"fieldPath": f"metadata.annotations['{builders.ANNOTATION_SPEC}']"}}]
     mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "spec")
     assert mount["mountPath"] == contract.SPEC_MOUNT_DIR
     assert container(job)["command"][-1] == f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"
-    assert builders.applied_spec(configmap) == ftj["spec"]
+    assert builders.applied_spec(job) == ftj["spec"]
 
 
 @pytest.mark.parametrize("spec", [finetunejob(), finetunejob(

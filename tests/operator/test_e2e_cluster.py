@@ -19,7 +19,7 @@ from finetune_api.validation import SpecError, validate_manifest
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
 
-from e2e_support import (SECRET, apply, condition, configmaps, events, finetunejob,
+from e2e_support import (SECRET, apply, condition, events, finetunejob,
                          ftj, get, graceful_stop, objects, s3_json, s3_keys, s3_secret, status,
                          wait_checkpoint, wait_for, wait_phase)
 
@@ -66,7 +66,7 @@ def test_example_succeeds_with_accuracy_in_kubectl_and_the_model_in_s3(
     report = s3_json(s3_client, current["output"]["reportUri"])
     assert report["valAccuracy"] == current["metrics"]["valAccuracy"]
 
-    # Scheduled as a GPU pod, owned through the Job, with the spec from the owned ConfigMap.
+    # Scheduled as a GPU pod, owned through the Job, with the spec from its annotation.
     job, = objects(kubectl, "jobs", namespace)
     assert job["metadata"]["ownerReferences"][0]["uid"] == ftj(kubectl, namespace,
                                                                 "fashion-mnist")["metadata"]["uid"]
@@ -306,7 +306,7 @@ def test_operator_restarted_mid_job_leaves_exactly_one_job_and_the_job_finishes(
     current = wait_phase(kubectl, namespace, "restart", "Succeeded", timeout=420)
     assert current["startTime"] == before["startTime"]
     assert len(objects(kubectl, "jobs", namespace)) == 1
-    assert len(configmaps(kubectl, namespace)) == 1
+    assert len(objects(kubectl, "networkpolicies", namespace)) == 1
     assert operator.metric("finetune_operator_job_creation_latency_seconds_count") == 0
 
 
@@ -379,18 +379,18 @@ def test_spec_change_that_cannot_apply_is_reported_in_a_condition(
     assert "ChangeNotApplied" in {e["reason"] for e in events(kubectl, namespace, "changed")}
 
 
-def test_deletion_removes_job_pods_and_configmap_even_with_the_operator_down(
+def test_deletion_removes_job_pods_and_policies_even_with_the_operator_down(
         kubectl, namespace, ftj_operator, datasets, cluster_env):
     s3_secret(kubectl, namespace, cluster_env)
     # More epochs than the test waits for: it is deleted while running.
     apply(kubectl, finetunejob("doomed", namespace, datasets["fashion-mnist"], epochs=10000))
     wait_phase(kubectl, namespace, "doomed", "Running", timeout=120)
-    assert objects(kubectl, "pods", namespace) and configmaps(kubectl, namespace)
+    assert objects(kubectl, "pods", namespace) and objects(kubectl, "networkpolicies", namespace)
     ftj_operator.stop(force=True)
     kubectl("delete", "ftj", "doomed", "-n", namespace, "--timeout=20s")
     wait_for(lambda: not (objects(kubectl, "jobs", namespace) or objects(kubectl, "pods", namespace)
-                          or configmaps(kubectl, namespace)),
-             timeout=120, message="the Job, its pods and the ConfigMap to be garbage-collected")
+                          or objects(kubectl, "networkpolicies", namespace)),
+             timeout=120, message="the Job, its pods and its NetworkPolicy to be garbage-collected")
 
 
 def test_ttl_deletes_a_finished_job_once_and_never_recreates_it(

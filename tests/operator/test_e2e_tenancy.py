@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e_support import apply, configmaps, finetunejob, objects, s3_secret, wait_for, wait_phase
+from e2e_support import apply, finetunejob, objects, s3_secret, wait_for, wait_phase
 from fixtures_cluster import load_localcluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("installed_crd")]
@@ -104,5 +104,6 @@ def test_without_the_admission_policy_the_operator_refuses_before_creating_anyth
     assert current["failure"]["message"].startswith(
         "spec.image: registry.evil/miner:1 is not an allowed trainer image")
     assert "spec.serviceAccountName: default is not allowed" in current["failure"]["message"]
-    assert not objects(kubectl, "jobs", namespace) and not configmaps(kubectl, namespace)
+    assert not objects(kubectl, "jobs", namespace)
+    assert not objects(kubectl, "networkpolicies", namespace)
     assert not objects(kubectl, "pods", namespace)

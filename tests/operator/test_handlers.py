@@ -1,18 +1,22 @@
 """Guards on the kopf wiring that unit tests of the pure modules cannot see."""
 
+import inspect
+
 import kopf
 
 from finetune_operator import handlers
 from finetune_operator.config import OperatorConfig
 
 
-def test_no_handler_makes_kopf_add_a_finalizer():
+def test_only_async_event_handlers_so_kopf_writes_nothing_and_adds_no_finalizer():
     registry = kopf.get_default_registry()
-    changing = registry._changing.get_all_handlers()
-    assert changing, "the create/resume/update handlers are registered"
-    assert not any(h.requires_finalizer for h in changing)
-    # kopf timers and daemons always add a finalizer: the operator uses its own loops instead.
+    # Change handlers (create/update/resume) make kopf patch its progress and diff-base into
+    # every object; timers and daemons add a finalizer. The operator uses neither.
+    assert not registry._changing.get_all_handlers()
     assert not registry._spawning.get_all_handlers()
+    watching = registry._watching.get_all_handlers()
+    assert len(watching) == 3
+    assert all(inspect.iscoroutinefunction(h.fn) for h in watching)
 
 
 def test_kopf_keeps_its_bookkeeping_in_status_and_watches_only_trainers():

@@ -1,7 +1,5 @@
-from datetime import datetime, timedelta, timezone
-
 from finetune_api import contract
-from finetune_operator.loops import expired, metrics_url, start_error_overdue
+from finetune_operator.loops import metrics_url
 from finetune_operator.view import ClusterView
 
 from operator_factories import FTJ_UID, finetunejob, job, pod, running_state, terminated_state
@@ -14,27 +12,6 @@ def test_metrics_url_is_pod_ip_and_the_metrics_container_port():
     assert metrics_url(v6) == "http://[fd00::7]:9400/metrics"
     assert metrics_url(pod(phase="Pending", pod_ip="10.1.2.3")) is None
     assert metrics_url(pod(phase="Running", state=running_state())) is None
-
-
-def test_ttl_counts_from_completion():
-    now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
-    done = {"phase": "Succeeded", "completionTime": "2026-11-28T11:59:50Z"}
-    assert expired(finetunejob(status=done, ttlSecondsAfterFinished=10), now)
-    assert not expired(finetunejob(status=done, ttlSecondsAfterFinished=11), now)
-    assert not expired(finetunejob(status=done), now + timedelta(days=365))
-    running = {"phase": "Running"}
-    assert not expired(finetunejob(status=running, ttlSecondsAfterFinished=0), now)
-
-
-def test_a_start_error_is_overdue_once_the_grace_has_passed_since_it_was_first_seen():
-    now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
-    waiting = {"phase": "Pending", "startError": {"reason": "CreateContainerConfigError",
-                                                  "since": "2026-11-28T11:59:00Z"}}
-    assert start_error_overdue(finetunejob(status=waiting), now, 60)
-    assert not start_error_overdue(finetunejob(status=waiting), now, 61)
-    assert not start_error_overdue(finetunejob(status={"phase": "Pending"}), now, 0)
-    failed = {**waiting, "phase": "Failed"}
-    assert not start_error_overdue(finetunejob(status=failed), now, 0)
 
 
 def test_view_keys_children_by_their_owners_and_ignores_strangers():

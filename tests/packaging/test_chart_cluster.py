@@ -186,7 +186,9 @@ def test_install_grants_least_privilege_upgrades_and_uninstalls_cleanly(kube, he
     for verb, resource in [("watch", "finetunejobs.finetune.dev"),
                            ("patch", "finetunejobs.finetune.dev/status"),
                            ("create", "jobs.batch"), ("list", "pods"),
-                           ("create", "configmaps"), ("create", "events")]:
+                           ("create", "networkpolicies.networking.k8s.io"),
+                           ("update", "finetunejobs.finetune.dev/finalizers"),
+                           ("create", "events"), ("list", "events")]:
         assert can_i(kube, sa, verb, resource, team), f"cannot {verb} {resource}"
     assert can_i(kube, sa, "update", "leases.coordination.k8s.io", ns)
     # ...and nothing more: no Secrets, no spec writes, nothing outside the watched namespace.
