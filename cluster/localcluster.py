@@ -56,7 +56,8 @@ S3_SECRET_KEY = "finetune-test-secret"
 S3_REGION = "us-east-1"
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
-# Pod IPs kwok reports for pods on its fake nodes (never routed anywhere).
+# Pod IPs kwok reports for pods on its fake nodes: the real node's pods route them into the
+# cluster network namespace, where nothing answers unless a test serves them there.
 KWOK_POD_CIDR = "10.244.0.0/16"
 NODE_ANNOTATION = "kwok.x-k8s.io/node"
 FAKE_NODE_TAINT = {"key": NODE_ANNOTATION, "value": "fake", "effect": "NoSchedule"}
@@ -611,7 +612,7 @@ class Cluster:
         log("starting containerd and importing the images")
         (state / "containerd").mkdir(exist_ok=True)
         (state / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
-        (state / "cni" / "net.d" / "10-finetune.conflist").write_text(realnode.cni_config(state, network))
+        (state / "cni" / "net.d" / "10-finetune.conflist").write_text(realnode.cni_config(state, network, [KWOK_POD_CIDR]))
         (state / "containerd" / "config.toml").write_text(realnode.containerd_config(state, network))
         self.start("containerd", [binary("containerd"), "--config",
                                   str(state / "containerd" / "config.toml")], in_netns=False)

@@ -180,7 +180,9 @@ def containerd_config(state: Path, network: Network) -> str:
         """)
 
 
-def cni_config(state: Path, network: Network) -> str:
+def cni_config(state: Path, network: Network, namespace_cidrs: list[str] = ()) -> str:
+    """`namespace_cidrs`: ranges the pods reach through the cluster network namespace (kwok's
+    fake pod IPs, which tests may serve there), besides the bridge."""
     first, last = network.pod_range
     return json.dumps({
         "cniVersion": "1.0.0",
@@ -189,7 +191,8 @@ def cni_config(state: Path, network: Network) -> str:
             "type": "bridge",
             "bridge": network.bridge,
             # The bridge already has the gateway address; pods get no default route and no NAT,
-            # so the only addresses they reach are on this bridge.
+            # so the only addresses they reach are on this bridge (and `namespace_cidrs`, in the
+            # cluster's own network namespace on it).
             "isGateway": False,
             "ipMasq": False,
             "hairpinMode": True,
@@ -197,6 +200,7 @@ def cni_config(state: Path, network: Network) -> str:
                 "type": "host-local",
                 "ranges": [[{"subnet": str(network.subnet), "rangeStart": first, "rangeEnd": last}]],
                 "dataDir": str(state / "cni" / "ipam"),
+                "routes": [{"dst": cidr, "gw": network.services} for cidr in namespace_cidrs],
             },
         }],
     }, indent=2) + "\n"

@@ -636,3 +636,68 @@ def test_network_policies_are_accepted_and_select_exactly_each_jobs_pods(
     wait_for(lambda: {p["metadata"]["name"] for p in objects(
         kubectl, "networkpolicies", namespace, "app.kubernetes.io/managed-by=finetune-operator")}
         == {"solo-metrics"}, timeout=60, message="the deleted job's policies collected")
+
+
+# --- API errors on children (issue 12) --------------------------------------------------------
+
+# kwok's fake T4 node: the pod needs no image and never runs. Its taint must be tolerated, and
+# the tenancy policy told so.
+KWOK_GPU_NODE = {"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "Tesla-T4"},
+                 "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists",
+                                  "effect": "NoSchedule"}]}
+KWOK_TENANCY = {"tenancy": {"allowedTolerationKeys": ["nvidia.com/gpu", "kwok.x-k8s.io/node"]}}
+
+
+def test_a_job_whose_pods_the_quota_refuses_is_queued_with_the_quota_message_until_it_clears(
+        kubectl, namespace, operator_factory, cluster_env):
+    operator_factory([namespace], chart_values=KWOK_TENANCY).wait_leader()
+    apply(kubectl, {"apiVersion": "v1", "kind": "ResourceQuota",
+                    "metadata": {"name": "no-gpus", "namespace": namespace},
+                    "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    apply(kubectl, finetunejob("over-quota", namespace, "s3://datasets/x/",
+                               resources=KWOK_GPU_NODE, epochs=10000))
+    current = wait_phase(kubectl, namespace, "over-quota", "Queued", timeout=60)
+    running = condition(current, "Running")
+    assert running["reason"] == "FailedCreate"
+    assert "exceeded quota: no-gpus" in running["message"]
+    kubectl("delete", "resourcequota", "no-gpus", "-n", namespace)
+    # The Job controller retries with its own backoff; the job leaves Queued once the pod exists.
+    wait_phase(kubectl, namespace, "over-quota", "Pending", "Running", timeout=240)
+
+
+def test_a_child_the_api_server_refuses_fails_the_job_naming_the_field(
+        kubectl, namespace, operator_factory):
+    operator_factory([namespace], chart_values=KWOK_TENANCY).wait_leader()
+    bad = dict(KWOK_GPU_NODE, tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists",
+                                            "value": "v", "effect": "NoSchedule"}])
+    apply(kubectl, finetunejob("bad-toleration", namespace, "s3://datasets/x/", resources=bad))
+    current = wait_phase(kubectl, namespace, "bad-toleration", "Failed", timeout=60)
+    assert current["failure"]["reason"] == "JobRejected"
+    assert "spec.template.spec.tolerations[0]" in current["failure"]["message"]
+    assert not objects(kubectl, "jobs", namespace)
+    # Final: not retried (no second failure Event, the status stays as written).
+    time.sleep(3)
+    assert status(kubectl, namespace, "bad-toleration") == current
+
+
+def test_the_local_cluster_enforces_owner_reference_permissions(kubectl, namespace):
+    """OwnerReferencesPermissionEnforcement is on, so the other end-to-end tests prove that the
+    chart's RBAC lets the operator set blockOwnerDeletion on its children."""
+    account = "no-finalizers"
+    kubectl("create", "serviceaccount", account, "-n", namespace)
+    apply(kubectl, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                    "metadata": {"name": account, "namespace": namespace},
+                    "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                               "verbs": ["create", "get"]}]})
+    kubectl("create", "rolebinding", account, "-n", namespace, f"--role={account}",
+            f"--serviceaccount={namespace}:{account}")
+    apply(kubectl, {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "owner", "namespace": namespace}})
+    owner = get(kubectl, "configmap", "owner", namespace)
+    child = {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "child", "namespace": namespace, "ownerReferences": [{
+                 "apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+                 "uid": owner["metadata"]["uid"], "blockOwnerDeletion": True}]}}
+    with pytest.raises(AssertionError, match="cannot set blockOwnerDeletion"):
+        kubectl("create", "-f", "-", f"--as=system:serviceaccount:{namespace}:{account}",
+                input=json.dumps(child))
