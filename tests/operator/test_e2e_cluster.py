@@ -654,15 +654,21 @@ def test_a_job_whose_pods_the_quota_refuses_is_queued_with_the_quota_message_unt
     apply(kubectl, {"apiVersion": "v1", "kind": "ResourceQuota",
                     "metadata": {"name": "no-gpus", "namespace": namespace},
                     "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    # Until the quota controller has counted it, admission refuses pods as "status unknown".
+    wait_for(lambda: (get(kubectl, "resourcequota", "no-gpus", namespace).get("status") or {})
+             .get("hard"), timeout=60, message="the quota to be counted")
     apply(kubectl, finetunejob("over-quota", namespace, "s3://datasets/x/",
                                resources=KWOK_GPU_NODE, epochs=10000))
-    current = wait_phase(kubectl, namespace, "over-quota", "Queued", timeout=60)
-    running = condition(current, "Running")
+    wait_phase(kubectl, namespace, "over-quota", "Queued", timeout=60)
+    wait_for(lambda: "exceeded quota: no-gpus" in (condition(
+        status(kubectl, namespace, "over-quota"), "Running") or {}).get("message", ""),
+        timeout=60, message="the Job controller's quota message in status")
+    running = condition(status(kubectl, namespace, "over-quota"), "Running")
     assert running["reason"] == "FailedCreate"
-    assert "exceeded quota: no-gpus" in running["message"]
     kubectl("delete", "resourcequota", "no-gpus", "-n", namespace)
-    # The Job controller retries with its own backoff; the job leaves Queued once the pod exists.
-    wait_phase(kubectl, namespace, "over-quota", "Pending", "Running", timeout=240)
+    # The Job controller retries with its own backoff; the job leaves Queued once the pod exists
+    # (and kwok's fake node may run and complete that pod at once).
+    wait_phase(kubectl, namespace, "over-quota", "Pending", "Running", "Succeeded", timeout=240)
 
 
 def test_a_child_the_api_server_refuses_fails_the_job_naming_the_field(
