@@ -98,10 +98,6 @@ class Kube:
             raise
 
     # FineTuneJobs
-    def get_finetunejob(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
-                         PLURAL, name)
-
     def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]
                                  ) -> Manifest:
         self.fence()

@@ -256,15 +256,15 @@ class Reconciler:
         """When this job needs looking at again with nothing to watch: a start error's grace
         running out, a Job that has no pods yet, a finished job's TTL."""
         status = {**(finetunejob.get("status") or {}), **update.patch}
+        if status.get("phase") in TERMINAL_PHASES:
+            return self._expire_when_due({**finetunejob, "status": status}, now)
         waits = []
         since = parse_time((status.get("startError") or {}).get("since"))
         if since is not None:
             deadline = since + timedelta(seconds=self.config.start_error_grace_seconds)
             waits.append((deadline - now).total_seconds())
-        if awaiting_pods and update.new_phase not in TERMINAL_PHASES:
+        if awaiting_pods:
             waits.append(FAILED_CREATE_POLL_SECONDS)
-        if status.get("phase") in TERMINAL_PHASES:
-            return self._expire_when_due({**finetunejob, "status": status}, now)
         return max(0.1, min(waits)) if waits else None
 
     def _expire_when_due(self, finetunejob: Manifest, now: datetime) -> float | None:
