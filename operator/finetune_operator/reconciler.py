@@ -57,6 +57,14 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def spec_problems(spec: Any) -> list[str]:
+    try:
+        validate_spec(spec)
+    except SpecError as error:
+        return error.problems
+    return []
+
+
 def api_message(error: ApiException) -> str:
     """The API server's own message (it names the invalid field), else the HTTP reason."""
     try:
@@ -114,11 +122,10 @@ class Reconciler:
             # observations only fill in details.
             return self._observe(finetunejob, now)
 
-        try:
-            validate_spec(finetunejob.get("spec"))
-        except SpecError as error:
-            self._fail(finetunejob, "InvalidSpec", "; ".join(error.problems), now,
-                       validity_conditions(finetunejob, error.problems, now))
+        problems = self.view.spec_problems(finetunejob, spec_problems)
+        if problems:
+            self._fail(finetunejob, "InvalidSpec", "; ".join(problems), now,
+                       validity_conditions(finetunejob, list(problems), now))
             return None
         conditions = validity_conditions(finetunejob, [], now)
         finetunejob = {**finetunejob, "status": {**status, "conditions": conditions}}
@@ -152,7 +159,7 @@ class Reconciler:
                 self.view.put_job(job)
                 log.info("patched Job %s/%s: %s", namespace, job["metadata"]["name"], job_patch)
             unapplied = builders.unapplied_spec_changes(finetunejob["spec"],
-                                                        builders.applied_spec(job))
+                                                        self.view.applied_spec(job))
             if unapplied or any(c.get("type") == "SpecApplied" for c in conditions):
                 finetunejob["status"]["conditions"] = spec_applied_conditions(
                     finetunejob, unapplied, now)
@@ -188,6 +195,7 @@ class Reconciler:
                 job = created
                 self.view.put_job(job)
                 if fresh:
+                    self.view.put_applied_spec(job, finetunejob["spec"])
                     created_at = parse_time(meta.get("creationTimestamp"))
                     if created_at:
                         metrics.job_creation_latency.observe(

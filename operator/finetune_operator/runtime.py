@@ -21,6 +21,8 @@ sys.modules.setdefault("kubernetes_asyncio", None)
 
 import kopf  # noqa: E402
 
+from finetune_api import validation  # noqa: E402
+
 from finetune_operator import handlers  # noqa: E402,F401  (registers the kopf handlers)
 from finetune_operator import loops, metrics  # noqa: E402
 from finetune_operator.config import OperatorConfig  # noqa: E402
@@ -41,6 +43,8 @@ async def run(config: OperatorConfig) -> None:
     queue = WorkQueue()
     pool = ThreadPoolExecutor(config.reconcile_workers, thread_name_prefix="reconcile")
     reconciler = Reconciler(config, kube, view)
+    # Before the watches start: a burst of FineTuneJobs is then not also the validator's build.
+    await asyncio.to_thread(validation.prepare)
     metrics.serve(config.metrics_addr, config.metrics_port, view.phases)
     health = Health()
     stop_health = await serve_health(health, config.metrics_addr, config.health_port)

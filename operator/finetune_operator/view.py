@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from finetune_api import contract
 
+from finetune_operator import builders
 from finetune_operator.builders import ANNOTATION_FINETUNEJOB, ANNOTATION_SPEC, CONTAINER_NAME
 from finetune_operator.status import disruption
 
@@ -46,6 +47,16 @@ def is_stale(candidate: Manifest, known: Manifest | None) -> bool:
         return False
     mine, theirs = _resource_version(candidate), _resource_version(known)
     return mine is not None and theirs is not None and mine < theirs
+
+
+def is_new(candidate: Manifest, known: Manifest | None) -> bool:
+    """The candidate tells more than the version known: another object, or a later version
+    (not the same one, delivered by a watch after the operator's own write returned it)."""
+    if is_stale(candidate, known):
+        return False
+    return not (known and known["metadata"].get("uid") == candidate["metadata"].get("uid")
+                and _resource_version(candidate) is not None
+                and _resource_version(candidate) == _resource_version(known))
 
 
 def _slim(obj: Manifest) -> Manifest:
@@ -102,14 +113,25 @@ class ClusterView:
         self._disrupted: dict[str, dict[str, dict[str, Any]]] = {}
         # The latest reading of each running trainer's /metrics, parsed, by FineTuneJob.
         self._progress: dict[Key, dict[str, Any]] = {}
+        # The spec each Job's trainer runs, parsed from its annotation once, by Job uid.
+        self._applied: dict[str, tuple[str, dict[str, Any]]] = {}
+        # The verdict on each FineTuneJob's spec, by (namespace, name): (uid, generation, the
+        # problems found); the spec changes only with the generation.
+        self._verdicts: dict[Key, tuple[str, Any, tuple[str, ...]]] = {}
 
     # FineTuneJobs
-    def put_finetunejob(self, body: Manifest) -> Key:
+    def put_finetunejob(self, body: Manifest) -> Key | None:
+        """Returns the FineTuneJob's key when the view learnt something from it; None for a
+        version it already has (the event of the operator's own write) or an older one."""
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            if not is_new(body, self._finetunejobs.get(key)):
+                return None
         slim = _slim(body)
         with self._lock:
-            if not is_stale(slim, self._finetunejobs.get(key)):
-                self._finetunejobs[key] = slim
+            if not is_new(slim, self._finetunejobs.get(key)):
+                return None
+            self._finetunejobs[key] = slim
         return key
 
     def finetunejob_versions(self) -> dict[Key, int]:
@@ -131,7 +153,9 @@ class ClusterView:
 
     # Jobs
     def put_job(self, body: Manifest, deleted: bool = False) -> Key | None:
-        """Returns the owning FineTuneJob's key (None: not a FineTuneJob's Job)."""
+        """Returns the owning FineTuneJob's key when the view learnt something from it; None
+        for a Job no FineTuneJob controls, or a version the view already has (the operator's
+        own write) or an older one."""
         owner = _controller(body, "FineTuneJob")
         if owner is None:
             return None
@@ -144,8 +168,11 @@ class ClusterView:
                 self._started.pop(body["metadata"]["uid"], None)
                 self._preempted.pop(body["metadata"]["uid"], None)
                 self._disrupted.pop(body["metadata"]["uid"], None)
-            elif not is_stale(body, current):
+                self._applied.pop(body["metadata"]["uid"], None)
+            elif is_new(body, current):
                 self._jobs[key] = _slim(body)
+            else:
+                return None
         return key
 
     def job(self, namespace: str, finetunejob_name: str, owner_uid: str) -> Manifest | None:
@@ -216,9 +243,49 @@ class ClusterView:
         with self._lock:
             return self._progress.get((namespace, name))
 
+    # Derived once per version
+    def applied_spec(self, job: Manifest) -> dict[str, Any]:
+        """The spec the Job's trainer runs (builders.applied_spec), parsed once per Job while
+        the view holds it."""
+        text = builders.spec_annotation_of(job)
+        uid = job["metadata"].get("uid", "")
+        with self._lock:
+            cached = self._applied.get(uid)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        spec = builders.parse_spec_annotation(text)
+        self.put_applied_spec(job, spec)
+        return spec
+
+    def put_applied_spec(self, job: Manifest, spec: dict[str, Any]) -> None:
+        """What the Job's annotation says, when known without parsing it (the operator just
+        built it from this spec)."""
+        uid = job["metadata"].get("uid", "")
+        owner = _controller(job, "FineTuneJob")
+        key = (job["metadata"].get("namespace"), (owner or {}).get("name"))
+        with self._lock:
+            if (self._jobs.get(key) or {}).get("metadata", {}).get("uid") == uid:
+                self._applied[uid] = (builders.spec_annotation_of(job), spec)
+
+    def spec_problems(self, finetunejob: Manifest, check: Any) -> tuple[str, ...]:
+        """check(spec) -> problems, asked once per FineTuneJob generation."""
+        meta = finetunejob["metadata"]
+        key = (meta["namespace"], meta["name"])
+        version = (meta.get("uid"), meta.get("generation"))
+        with self._lock:
+            known = self._verdicts.get(key)
+        if known is not None and known[:2] == version:
+            return known[2]
+        problems = tuple(check(finetunejob.get("spec")))
+        with self._lock:
+            if key in self._finetunejobs:
+                self._verdicts[key] = (*version, problems)
+        return problems
+
     def forget(self, namespace: str, finetunejob_name: str) -> None:
         """The FineTuneJob is gone: its Job and pods go with it (their own deletions are
-        observed too), its progress reading here."""
+        observed too), its progress reading and spec verdict here."""
         with self._lock:
             self._finetunejobs.pop((namespace, finetunejob_name), None)
             self._progress.pop((namespace, finetunejob_name), None)
+            self._verdicts.pop((namespace, finetunejob_name), None)

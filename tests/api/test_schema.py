@@ -2,11 +2,13 @@
 names the field at fault."""
 
 import copy
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 
-from finetune_api import crd
+from finetune_api import crd, validation
 from finetune_api.schema import spec_schema, status_schema
 from finetune_api.validation import SpecError, validate_manifest, validate_spec
 
@@ -106,3 +108,59 @@ def test_wrong_kind_is_refused():
     with pytest.raises(SpecError, match="kind: must be FineTuneJob"):
         validate_manifest({"apiVersion": "finetune.dev/v1alpha1", "kind": "Job",
                            "spec": MINIMAL_SPEC})
+
+
+def test_each_cel_rule_reads_only_the_fields_its_verdict_is_remembered_by():
+    """A rule's verdict is remembered by the values of the `self.<field>`s it names; a rule that
+    reads `self` whole (or a macro on it) is never projected. Checked against the rules' text,
+    so a new rule cannot slip past the projection unnoticed."""
+    rules = list(validation._cel_rules(spec_schema()))
+    assert rules
+    for rule in rules:
+        if rule.reads is None:
+            continue
+        named = set(re.findall(r"\bself\.(\w+)", rule.rule))
+        assert set(rule.reads) == named, rule.rule
+        assert len(re.findall(r"\bself\b", rule.rule)) == len(re.findall(r"\bself\.", rule.rule))
+    assert validation._fields_read("self.all(x, x > 0)", {"properties": {"a": {}}}) is None
+    assert validation._fields_read("self > 0.0", {}) is None
+    assert validation._fields_read("has(self.a) || self.b == 1",
+                                   {"properties": {"a": {}, "b": {}}}) == ("a", "b")
+
+
+@pytest.mark.parametrize("good,bad,field", [
+    # Same fields elsewhere, only the ones the rule reads differ.
+    ({**MINIMAL_SPEC, "epochs": 4, "freeze": {"policy": "AllButHead", "unfreezeAtEpoch": 3}},
+     {**MINIMAL_SPEC, "epochs": 3, "freeze": {"policy": "AllButHead", "unfreezeAtEpoch": 3}},
+     "spec.freeze.unfreezeAtEpoch"),
+    (_with("dataset.validationSplit", 0.5), _with("dataset.validationSplit", 1.0),
+     "spec.dataset.validationSplit"),
+    ({**MINIMAL_SPEC, "strategy": "FromScratch"},
+     {**MINIMAL_SPEC, "strategy": "FromScratch", "freeze": {"policy": "AllButHead"}},
+     "spec.freeze.policy"),
+])
+def test_remembered_verdicts_never_let_a_bad_spec_through(good, bad, field):
+    for _ in range(2):  # the second round answers from the remembered verdicts
+        validate_spec(good)
+        with pytest.raises(SpecError) as raised:
+            validate_spec(bad)
+        assert any(p.startswith(field) for p in raised.value.problems), raised.value.problems
+    # Outputs differ job by job; the verdicts on the rules that never read them are shared.
+    before = len(validation._verdicts.verdicts)
+    validate_spec({**good, "output": {"uri": "s3://models/another-job/"}})
+    assert len(validation._verdicts.verdicts) == before
+
+
+def test_the_validator_is_built_once_by_threads_that_meet_their_first_spec_together(monkeypatch):
+    built = []
+    real = validation.spec_schema
+
+    def counting_schema():
+        built.append(1)
+        return real()
+
+    monkeypatch.setattr(validation, "_compiled_once", None)
+    monkeypatch.setattr(validation, "spec_schema", counting_schema)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: validate_spec(MINIMAL_SPEC), range(8)))
+    assert len(built) == 1

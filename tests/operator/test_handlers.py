@@ -23,7 +23,15 @@ def test_kopf_keeps_its_bookkeeping_in_status_and_watches_only_trainers():
     settings = kopf.OperatorSettings()
     handlers.configure(settings, OperatorConfig())
     assert isinstance(settings.persistence.progress_storage, kopf.StatusProgressStorage)
-    assert isinstance(settings.persistence.diffbase_storage, kopf.StatusDiffBaseStorage)
+    # No change handlers, so no diff-base: none is built per event, and none is ever written.
+    diffbase = settings.persistence.diffbase_storage
+    body = kopf.Body({"metadata": {"name": "flowers", "namespace": "team-a"},
+                      "spec": {"epochs": 3}, "status": {"phase": "Running"}})
+    assert diffbase.build(body=body) == {}
+    assert diffbase.fetch(body=body) is None
+    patch = kopf.Patch()
+    diffbase.store(body=body, patch=patch, essence=kopf.BodyEssence({"spec": {"epochs": 3}}))
+    assert not patch
     assert settings.posting.enabled is False
     assert settings.scanning.disabled is True
     selectors = dict(settings.watching.label_selectors.items())

@@ -1,8 +1,13 @@
+import copy
+
 from finetune_api import contract
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
 from finetune_operator.loops import metrics_url
 from finetune_operator.view import ClusterView
 
-from operator_factories import FTJ_UID, finetunejob, job, pod, running_state, terminated_state
+from operator_factories import (FTJ_UID, JOB_UID, finetunejob, job, pod, running_state,
+                                terminated_state)
 
 
 def test_metrics_url_is_pod_ip_and_the_metrics_container_port():
@@ -98,3 +103,64 @@ def test_disruptions_are_remembered_after_their_pods_are_deleted_and_forgotten_w
     assert len(view.disruptions(job())) == 1
     view.put_job(job(), deleted=True)
     assert view.disruptions(job()) == []
+
+
+def _versioned(body, version):
+    body = copy.deepcopy(body)
+    body["metadata"]["resourceVersion"] = str(version)
+    return body
+
+
+def test_an_event_of_a_version_the_view_has_queues_no_reconciliation():
+    """The watch echoes the operator's own writes (their results are in the view already):
+    such an event, or an older one, tells nothing new; a later version does."""
+    view = ClusterView()
+    assert view.put_finetunejob(_versioned(finetunejob(), 10)) == ("team-a", "flowers")
+    assert view.put_finetunejob(_versioned(finetunejob(), 10)) is None
+    assert view.put_finetunejob(_versioned(finetunejob(), 9)) is None
+    assert view.put_finetunejob(_versioned(finetunejob(), 11)) == ("team-a", "flowers")
+    assert view.put_job(_versioned(job(), 20)) == ("team-a", "flowers")
+    assert view.put_job(_versioned(job(), 20)) is None
+    assert view.put_job(_versioned(job(), 19)) is None
+    assert view.put_job(_versioned(job(), 21)) == ("team-a", "flowers")
+    assert view.put_job(_versioned(job(), 21), deleted=True) == ("team-a", "flowers")
+
+
+def test_a_spec_is_checked_once_per_generation_and_forgotten_with_its_finetunejob():
+    view = ClusterView()
+    body = finetunejob()
+    view.put_finetunejob(body)
+    checked = []
+
+    def check(spec):
+        checked.append(spec)
+        return ["spec.epochs: too many"] if spec["epochs"] > 100 else []
+
+    assert view.spec_problems(body, check) == ()
+    assert view.spec_problems(body, check) == ()
+    assert len(checked) == 1
+    edited = copy.deepcopy(body)
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["epochs"] = 500
+    view.put_finetunejob(edited)
+    assert view.spec_problems(edited, check) == ("spec.epochs: too many",)
+    assert len(checked) == 2
+    view.forget("team-a", "flowers")
+    assert view._verdicts == {}
+
+
+def test_the_applied_spec_is_parsed_once_per_job_and_forgotten_with_it():
+    view = ClusterView()
+    built = builders.build_trainer_job(finetunejob(), OperatorConfig())
+    body = {**built, "metadata": {**built["metadata"], "uid": JOB_UID,
+                                  "ownerReferences": job()["metadata"]["ownerReferences"]}}
+    view.put_job(body)
+    slim = view.job("team-a", "flowers", FTJ_UID)
+    parsed = view.applied_spec(slim)
+    assert parsed == finetunejob()["spec"]
+    assert view.applied_spec(slim) is parsed  # not parsed again
+    view.put_job(body, deleted=True)
+    assert view._applied == {}
+    # Not held by the view (a Job of another FineTuneJob): parsed, not kept.
+    assert view.applied_spec(body) == finetunejob()["spec"]
+    assert view._applied == {}
