@@ -71,7 +71,7 @@ async def finetunejob_seen(type: str | None, body: kopf.Body, memo: Any, **_: An
         memo.queue.forget(key)
         return
     if memo.view.put_finetunejob(dict(body)):
-        memo.queue.add(key)
+        memo.queue.add(key, first=memo.view.awaits_children(key))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=TRAINER_LABELS)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes.client.rest import ApiException
 
@@ -81,10 +81,13 @@ def is_permanent(error: ApiException) -> bool:
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, kube: Kube, view: ClusterView):
+    def __init__(self, config: OperatorConfig, kube: Kube, view: ClusterView,
+                 creations_waiting: Callable[[], bool] = lambda: False):
         self.config = config
         self.kube = kube
         self.view = view
+        # Other FineTuneJobs wait for their trainer Jobs (WorkQueue.creations_waiting).
+        self.creations_waiting = creations_waiting
 
     def sync(self, namespace: str, name: str) -> float | None:
         """Reconcile one FineTuneJob; returns in how many seconds it must be looked at again
@@ -151,6 +154,11 @@ class Reconciler:
                 self._fail(finetunejob, reason, f"the API server refused the trainer's {kind}: "
                                                 f"{api_message(error)}", now, conditions)
                 return None
+            if self.creations_waiting():
+                # A burst: the Jobs of the FineTuneJobs queued behind this one come before this
+                # status; it is written when they are made (the key is queued again at once,
+                # behind them).
+                return 0.0
 
         if job is not None:
             job_patch = builders.job_spec_patch(finetunejob["spec"], job)

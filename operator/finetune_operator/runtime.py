@@ -42,7 +42,7 @@ async def run(config: OperatorConfig) -> None:
     view = ClusterView()
     queue = WorkQueue()
     pool = ThreadPoolExecutor(config.reconcile_workers, thread_name_prefix="reconcile")
-    reconciler = Reconciler(config, kube, view)
+    reconciler = Reconciler(config, kube, view, lambda: queue.creations_waiting)
     # Before the watches start: a burst of FineTuneJobs is then not also the validator's build.
     await asyncio.to_thread(validation.prepare)
     metrics.serve(config.metrics_addr, config.metrics_port, view.phases)

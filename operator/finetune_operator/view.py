@@ -16,7 +16,7 @@ from finetune_api import contract
 
 from finetune_operator import builders
 from finetune_operator.builders import ANNOTATION_FINETUNEJOB, ANNOTATION_SPEC, CONTAINER_NAME
-from finetune_operator.status import disruption
+from finetune_operator.status import TERMINAL_PHASES, disruption
 
 Manifest = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
@@ -133,6 +133,16 @@ class ClusterView:
                 return None
             self._finetunejobs[key] = slim
         return key
+
+    def awaits_children(self, key: Key) -> bool:
+        """The FineTuneJob has no trainer Job yet and should get one (a fresh one, in a burst:
+        its key goes into the work queue's first lane)."""
+        with self._lock:
+            body = self._finetunejobs.get(key)
+            if body is None or body["metadata"].get("deletionTimestamp") or key in self._jobs:
+                return False
+        status = body.get("status") or {}
+        return not status.get("jobName") and status.get("phase") not in TERMINAL_PHASES
 
     def finetunejob_versions(self) -> dict[Key, int]:
         """(namespace, name) -> the resourceVersion last delivered or written."""

@@ -117,6 +117,32 @@ def test_a_new_job_costs_its_children_and_one_status_patch_and_nothing_after():
     assert kube.calls == []  # the watch events of its own writes change nothing
 
 
+def test_in_a_burst_the_status_waits_until_the_other_jobs_have_their_children():
+    ftj = finetunejob(suspend=True)
+    reconciler, kube, view = setup(ftj)
+    waiting = [True]
+    reconciler.creations_waiting = lambda: waiting[0]
+    assert reconciler.sync("team-a", "flowers") == 0.0  # looked at again at once, behind them
+    assert writes(kube) == [("create", "NetworkPolicy"), ("create", "Job")]
+    assert view.awaits_children(("team-a", "flowers")) is False  # its Job is in the view
+    kube.calls.clear()
+    waiting[0] = False
+    reconciler.sync("team-a", "flowers")
+    assert writes(kube) == [("patch", "FineTuneJob/status")]
+    assert kube.finetunejob["status"]["jobName"] == "flowers-trainer"
+
+
+def test_only_a_finetunejob_without_a_job_awaits_children():
+    view = ClusterView()
+    assert view.awaits_children(("team-a", "flowers")) is False  # unknown
+    view.put_finetunejob(finetunejob())
+    assert view.awaits_children(("team-a", "flowers")) is True
+    view.put_finetunejob(finetunejob(status={"phase": "Queued", "jobName": "flowers-trainer"}))
+    assert view.awaits_children(("team-a", "flowers")) is False
+    view.put_finetunejob(finetunejob(status={"phase": "Failed"}))
+    assert view.awaits_children(("team-a", "flowers")) is False
+
+
 def test_a_watch_event_older_than_the_operators_own_write_is_ignored():
     ftj = finetunejob(suspend=True)
     reconciler, kube, view = setup(ftj)

@@ -33,6 +33,36 @@ def test_a_key_added_while_worked_on_is_queued_again_after_not_handed_out_twice(
     run(scenario())
 
 
+def test_keys_awaiting_their_children_are_handed_out_first_and_once():
+    async def scenario():
+        queue = WorkQueue()
+        queue.add("status-refresh")
+        queue.add("moved-up")
+        queue.add("new-1", first=True)
+        queue.add("moved-up", first=True)  # e.g. its Job was deleted: it needs one again
+        queue.add("new-2", first=True)
+        queue.add("new-1")  # a later event does not move it back
+        assert queue.creations_waiting
+        assert len(queue) == 4
+        handed = [await queue.get() for _ in range(3)]
+        assert handed == ["new-1", "moved-up", "new-2"]
+        assert not queue.creations_waiting
+        assert await queue.get() == "status-refresh"
+        assert len(queue) == 0
+        # The stale entry of "moved-up" is skipped: nothing more is handed out.
+        queue.add("last")
+        assert await queue.get() == "last"
+        # A key marked first while it was worked on comes back in the first lane.
+        queue.add("busy")
+        busy = await queue.get()
+        queue.add("other")
+        queue.add("busy", first=True)
+        queue.done(busy)
+        assert await queue.get() == "busy"
+        assert await queue.get() == "other"
+    run(scenario())
+
+
 def test_the_earliest_delayed_add_wins_and_forget_cancels_it():
     async def scenario():
         queue = WorkQueue()
