@@ -12,6 +12,8 @@ read, not the operator's memory, its loop or its Lease.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 from concurrent.futures import Executor
 from typing import Any
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_SECONDS = 3
 MAX_METRICS_BYTES = 256 * 1024
 SCRAPE_CONCURRENCY = 32
+MEMORY_TRIM_SECONDS = 5
 
 
 class TooLarge(ValueError):
@@ -153,3 +156,27 @@ async def reconcile_worker(queue: WorkQueue, reconciler: Reconciler, pool: Execu
                 queue.add_after(key, requeue)
         finally:
             queue.done(key)
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap pages that deleted objects freed back to the system. glibc keeps them for
+    reuse otherwise: after 1000 FineTuneJobs came and went the operator's RSS stayed at its
+    peak. False where the C library has no malloc_trim (musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+async def memory_trim_loop(view: ClusterView, pool: Executor,
+                           interval: float = MEMORY_TRIM_SECONDS,
+                           release=release_freed_memory) -> None:
+    """After objects were forgotten, once per interval: release what they held."""
+    loop = asyncio.get_running_loop()
+    trimmed_at = view.forgotten
+    while True:
+        await asyncio.sleep(interval)
+        if view.forgotten != trimmed_at:
+            trimmed_at = view.forgotten
+            await loop.run_in_executor(pool, release)

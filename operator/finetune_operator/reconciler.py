@@ -166,8 +166,7 @@ class Reconciler:
                 job = self.kube.patch_job(namespace, job["metadata"]["name"], job_patch)
                 self.view.put_job(job)
                 log.info("patched Job %s/%s: %s", namespace, job["metadata"]["name"], job_patch)
-            unapplied = builders.unapplied_spec_changes(finetunejob["spec"],
-                                                        self.view.applied_spec(job))
+            unapplied = self.view.unapplied_changes(job, finetunejob)
             if unapplied or any(c.get("type") == "SpecApplied" for c in conditions):
                 finetunejob["status"]["conditions"] = spec_applied_conditions(
                     finetunejob, unapplied, now)
@@ -203,7 +202,7 @@ class Reconciler:
                 job = created
                 self.view.put_job(job)
                 if fresh:
-                    self.view.put_applied_spec(job, finetunejob["spec"])
+                    self.view.mark_applied(job, finetunejob)
                     created_at = parse_time(meta.get("creationTimestamp"))
                     if created_at:
                         metrics.job_creation_latency.observe(

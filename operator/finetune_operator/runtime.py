@@ -68,6 +68,7 @@ async def run(config: OperatorConfig) -> None:
           for _ in range(config.reconcile_workers)),
         loops.watch_check_loop(view, kube, pool, health, config.watch_namespaces,
                                config.watch_check_seconds),
+        loops.memory_trim_loop(view, pool),
     )]
     try:
         await kopf.operator(

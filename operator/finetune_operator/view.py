@@ -113,8 +113,11 @@ class ClusterView:
         self._disrupted: dict[str, dict[str, dict[str, Any]]] = {}
         # The latest reading of each running trainer's /metrics, parsed, by FineTuneJob.
         self._progress: dict[Key, dict[str, Any]] = {}
-        # The spec each Job's trainer runs, parsed from its annotation once, by Job uid.
-        self._applied: dict[str, tuple[str, dict[str, Any]]] = {}
+        # What of its FineTuneJob's spec each Job's trainer does not run, by Job uid, with the
+        # versions it was worked out for: (hash of the Job's spec annotation, generation).
+        self._unapplied: dict[str, tuple[tuple[int, Any], tuple[str, ...]]] = {}
+        # How many FineTuneJobs and Jobs were forgotten (deleted) so far: their memory can go.
+        self.forgotten = 0
         # The verdict on each FineTuneJob's spec, by (namespace, name): (uid, generation, the
         # problems found); the spec changes only with the generation.
         self._verdicts: dict[Key, tuple[str, Any, tuple[str, ...]]] = {}
@@ -175,10 +178,11 @@ class ClusterView:
             if deleted:
                 if current and current["metadata"]["uid"] == body["metadata"]["uid"]:
                     self._jobs.pop(key, None)
+                    self.forgotten += 1
                 self._started.pop(body["metadata"]["uid"], None)
                 self._preempted.pop(body["metadata"]["uid"], None)
                 self._disrupted.pop(body["metadata"]["uid"], None)
-                self._applied.pop(body["metadata"]["uid"], None)
+                self._unapplied.pop(body["metadata"]["uid"], None)
             elif is_new(body, current):
                 self._jobs[key] = _slim(body)
             else:
@@ -254,28 +258,35 @@ class ClusterView:
             return self._progress.get((namespace, name))
 
     # Derived once per version
-    def applied_spec(self, job: Manifest) -> dict[str, Any]:
-        """The spec the Job's trainer runs (builders.applied_spec), parsed once per Job while
-        the view holds it."""
+    def unapplied_changes(self, job: Manifest, finetunejob: Manifest) -> list[str]:
+        """builders.unapplied_spec_changes: the FineTuneJob's spec against the spec the Job's
+        trainer runs, worked out once per Job version of it and FineTuneJob generation (parsing
+        the Job's annotation costs more than the rest of a reconciliation)."""
         text = builders.spec_annotation_of(job)
-        uid = job["metadata"].get("uid", "")
+        version = (hash(text), finetunejob["metadata"].get("generation"))
         with self._lock:
-            cached = self._applied.get(uid)
-        if cached is not None and cached[0] == text:
-            return cached[1]
-        spec = builders.parse_spec_annotation(text)
-        self.put_applied_spec(job, spec)
-        return spec
+            known = self._unapplied.get(job["metadata"].get("uid", ""))
+        if known is not None and known[0] == version:
+            return list(known[1])
+        changes = builders.unapplied_spec_changes(finetunejob.get("spec") or {},
+                                                  builders.parse_spec_annotation(text))
+        self._remember_unapplied(job, version, changes)
+        return changes
 
-    def put_applied_spec(self, job: Manifest, spec: dict[str, Any]) -> None:
-        """What the Job's annotation says, when known without parsing it (the operator just
-        built it from this spec)."""
+    def mark_applied(self, job: Manifest, finetunejob: Manifest) -> None:
+        """The Job was just built from this FineTuneJob's spec: nothing is unapplied."""
+        version = (hash(builders.spec_annotation_of(job)),
+                   finetunejob["metadata"].get("generation"))
+        self._remember_unapplied(job, version, [])
+
+    def _remember_unapplied(self, job: Manifest, version: tuple[int, Any],
+                            changes: list[str]) -> None:
         uid = job["metadata"].get("uid", "")
         owner = _controller(job, "FineTuneJob")
         key = (job["metadata"].get("namespace"), (owner or {}).get("name"))
-        with self._lock:
+        with self._lock:  # only for a Job the view holds: forgotten with it
             if (self._jobs.get(key) or {}).get("metadata", {}).get("uid") == uid:
-                self._applied[uid] = (builders.spec_annotation_of(job), spec)
+                self._unapplied[uid] = (version, tuple(changes))
 
     def spec_problems(self, finetunejob: Manifest, check: Any) -> tuple[str, ...]:
         """check(spec) -> problems, asked once per FineTuneJob generation."""
@@ -296,6 +307,7 @@ class ClusterView:
         """The FineTuneJob is gone: its Job and pods go with it (their own deletions are
         observed too), its progress reading and spec verdict here."""
         with self._lock:
-            self._finetunejobs.pop((namespace, finetunejob_name), None)
+            if self._finetunejobs.pop((namespace, finetunejob_name), None) is not None:
+                self.forgotten += 1
             self._progress.pop((namespace, finetunejob_name), None)
             self._verdicts.pop((namespace, finetunejob_name), None)

@@ -1,9 +1,10 @@
+import asyncio
 import copy
 
 from finetune_api import contract
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
-from finetune_operator.loops import metrics_url
+from finetune_operator.loops import memory_trim_loop, metrics_url, release_freed_memory
 from finetune_operator.view import ClusterView
 
 from operator_factories import (FTJ_UID, JOB_UID, finetunejob, job, pod, running_state,
@@ -149,18 +150,57 @@ def test_a_spec_is_checked_once_per_generation_and_forgotten_with_its_finetunejo
     assert view._verdicts == {}
 
 
-def test_the_applied_spec_is_parsed_once_per_job_and_forgotten_with_it():
+def test_unapplied_changes_are_worked_out_once_per_job_and_generation(monkeypatch):
     view = ClusterView()
-    built = builders.build_trainer_job(finetunejob(), OperatorConfig())
+    ftj = finetunejob()
+    built = builders.build_trainer_job(ftj, OperatorConfig())
     body = {**built, "metadata": {**built["metadata"], "uid": JOB_UID,
                                   "ownerReferences": job()["metadata"]["ownerReferences"]}}
     view.put_job(body)
     slim = view.job("team-a", "flowers", FTJ_UID)
-    parsed = view.applied_spec(slim)
-    assert parsed == finetunejob()["spec"]
-    assert view.applied_spec(slim) is parsed  # not parsed again
+    parsed = []
+    real_parse = builders.parse_spec_annotation
+    monkeypatch.setattr(builders, "parse_spec_annotation",
+                        lambda text: parsed.append(1) or real_parse(text))
+    assert view.unapplied_changes(slim, ftj) == []
+    assert view.unapplied_changes(slim, ftj) == []
+    assert len(parsed) == 1
+    edited = copy.deepcopy(ftj)
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["epochs"] = 20
+    assert view.unapplied_changes(slim, edited) == ["spec.epochs"]
+    assert view.unapplied_changes(slim, edited) == ["spec.epochs"]
+    assert len(parsed) == 2
     view.put_job(body, deleted=True)
-    assert view._applied == {}
-    # Not held by the view (a Job of another FineTuneJob): parsed, not kept.
-    assert view.applied_spec(body) == finetunejob()["spec"]
-    assert view._applied == {}
+    assert view._unapplied == {}
+    # A Job the view does not hold: worked out, not kept.
+    assert view.unapplied_changes(body, ftj) == []
+    assert view._unapplied == {}
+    # One the operator just built from the spec is known to run it, unparsed.
+    view.put_job(body)
+    view.mark_applied(body, ftj)
+    assert view.unapplied_changes(view.job("team-a", "flowers", FTJ_UID), ftj) == []
+    assert len(parsed) == 3
+
+
+def test_memory_is_released_after_objects_are_forgotten_and_only_then():
+    async def scenario():
+        view = ClusterView()
+        view.put_finetunejob(finetunejob())
+        view.put_job(job())
+        released = []
+        trim = asyncio.create_task(memory_trim_loop(view, None, interval=0.01,
+                                                    release=lambda: released.append(1)))
+        await asyncio.sleep(0.05)
+        assert released == []  # nothing deleted, nothing to release
+        view.forget("team-a", "flowers")
+        view.put_job(job(), deleted=True)
+        await asyncio.sleep(0.05)
+        assert released == [1]  # once for both
+        view.forget("team-a", "flowers")  # already gone: nothing new
+        await asyncio.sleep(0.05)
+        assert released == [1]
+        trim.cancel()
+
+    asyncio.run(scenario())
+    assert release_freed_memory() in (True, False)
