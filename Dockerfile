@@ -79,11 +79,15 @@ LABEL org.opencontainers.image.title="finetune-operator" \
       org.opencontainers.image.description="Kubernetes operator for FineTuneJobs (finetune.dev)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# PYTHONMALLOC=malloc: small objects from glibc, not pymalloc's 1 MiB arenas, so the pages a
+# deleted FineTuneJob's records held can be handed back (the operator calls malloc_trim); with
+# pymalloc a churn of 1000 jobs left the RSS 10 % up, as a few live objects pin each arena.
 ENV PATH=/opt/finetune/bin:/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/finetune \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    PYTHONMALLOC=malloc
 COPY --from=operator-venv /opt/venv /opt/venv
 COPY --from=operator-build /opt/finetune /opt/finetune
 USER 65532:65532

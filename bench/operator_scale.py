@@ -481,7 +481,9 @@ class Operator:
                         "FINETUNE_OPERATOR_METRICS_PORT": str(self.port),
                         "FINETUNE_PROGRESS_INTERVAL_SECONDS": str(progress_interval),
                         "FINETUNE_TENANCY_POLICY": json.dumps(policy),
-                        "FINETUNE_LOG_LEVEL": "WARNING"}
+                        "FINETUNE_LOG_LEVEL": "WARNING",
+                        # As the operator image sets it (Dockerfile): freed memory can go back.
+                        "PYTHONMALLOC": "malloc"}
         argv = network.exec_prefix() + [sys.executable, "-m", "finetune_operator"]
         with open(log_path, "wb") as log:
             # `ip netns exec` execs in place: the pid is the operator's own.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 from concurrent.futures import Executor
 from typing import Any
@@ -161,7 +162,10 @@ async def reconcile_worker(queue: WorkQueue, reconciler: Reconciler, pool: Execu
 def release_freed_memory() -> bool:
     """Hand the heap pages that deleted objects freed back to the system. glibc keeps them for
     reuse otherwise: after 1000 FineTuneJobs came and went the operator's RSS stayed at its
-    peak. False where the C library has no malloc_trim (musl)."""
+    peak. Reference cycles (asyncio's tasks and futures make some) are collected first. Works
+    on small objects too where Python allocates them with malloc (the image sets
+    PYTHONMALLOC=malloc). False where the C library has no malloc_trim (musl)."""
+    gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.malloc_trim(0))
