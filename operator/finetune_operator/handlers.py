@@ -76,8 +76,8 @@ async def finetunejob_seen(type: str | None, body: kopf.Body, memo: Any, **_: An
 
 @kopf.on.event("batch", "v1", "jobs", labels=TRAINER_LABELS)
 async def trainer_job_seen(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    key, changed = memo.view.put_job(dict(body), deleted=type == "DELETED")
-    if key and changed:
+    key = memo.view.put_job(dict(body), deleted=type == "DELETED")
+    if key:
         memo.queue.add(key)
 
 

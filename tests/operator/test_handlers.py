@@ -1,11 +1,18 @@
 """Guards on the kopf wiring that unit tests of the pure modules cannot see."""
 
+import asyncio
+import copy
 import inspect
+from types import SimpleNamespace
 
 import kopf
 
 from finetune_operator import handlers
 from finetune_operator.config import OperatorConfig
+from finetune_operator.view import ClusterView
+from finetune_operator.workqueue import WorkQueue
+
+from operator_factories import finetunejob, job
 
 
 def test_only_async_event_handlers_so_kopf_writes_nothing_and_adds_no_finalizer():
@@ -37,3 +44,40 @@ def test_kopf_keeps_its_bookkeeping_in_status_and_watches_only_trainers():
     selectors = dict(settings.watching.label_selectors.items())
     assert set(selectors.values()) == {handlers.TRAINER_SELECTOR}
     assert len(selectors) == 2
+
+
+def test_handlers_queue_what_tells_something_new_and_new_jobs_first():
+    async def scenario():
+        view, queue = ClusterView(), WorkQueue()
+        memo = SimpleNamespace(view=view, queue=queue)
+
+        def versioned(body, version):
+            body = copy.deepcopy(body)
+            body["metadata"]["resourceVersion"] = str(version)
+            return kopf.Body(body)
+
+        await handlers.trainer_job_seen(type="ADDED", body=versioned(job(), 5), memo=memo)
+        await handlers.finetunejob_seen(type="ADDED", body=versioned(finetunejob(), 1),
+                                        memo=memo)
+        other = finetunejob(name="tulips")
+        await handlers.finetunejob_seen(type="ADDED", body=versioned(other, 2), memo=memo)
+        # tulips has no Job yet: it comes first; flowers (whose Job was seen) after it.
+        assert len(queue) == 2
+        assert queue.creations_waiting
+        assert await queue.get() == ("team-a", "tulips")
+        assert await queue.get() == ("team-a", "flowers")
+        queue.done(("team-a", "tulips"))
+        queue.done(("team-a", "flowers"))
+        # The same versions again (the echo of the operator's own writes): nothing queued.
+        await handlers.trainer_job_seen(type="MODIFIED", body=versioned(job(), 5), memo=memo)
+        await handlers.finetunejob_seen(type="MODIFIED", body=versioned(finetunejob(), 1),
+                                        memo=memo)
+        assert len(queue) == 0
+        await handlers.trainer_job_seen(type="MODIFIED", body=versioned(job(), 6), memo=memo)
+        assert await queue.get() == ("team-a", "flowers")
+        await handlers.trainer_job_seen(type="DELETED", body=versioned(job(), 7), memo=memo)
+        assert len(queue) == 0  # flowers is being worked on: queued again when done
+        queue.done(("team-a", "flowers"))
+        assert await queue.get() == ("team-a", "flowers")
+
+    asyncio.run(scenario())
