@@ -178,13 +178,9 @@ def spec_annotation_of(job: Manifest) -> str:
 
 
 def parse_spec_annotation(text: str) -> dict[str, Any]:
+    """The spec the trainer runs, from its Job's spec annotation (spec_annotation_of)."""
     manifest = yaml.load(text, Loader=YamlLoader) or {}
     return manifest.get("spec") or {}
-
-
-def applied_spec(job: Manifest) -> dict[str, Any]:
-    """The spec the trainer runs, read back from its Job's pod template."""
-    return parse_spec_annotation(spec_annotation_of(job))
 
 
 def desired_job_suspend(spec: dict[str, Any]) -> bool | None:

@@ -242,7 +242,7 @@ def test_the_pods_carry_the_whole_manifest_the_trainer_reads_as_its_spec_file():
     mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "spec")
     assert mount["mountPath"] == contract.SPEC_MOUNT_DIR
     assert container(job)["command"][-1] == f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"
-    assert builders.applied_spec(job) == ftj["spec"]
+    assert builders.parse_spec_annotation(builders.spec_annotation_of(job)) == ftj["spec"]
 
 
 @pytest.mark.parametrize("spec", [finetunejob(), finetunejob(
