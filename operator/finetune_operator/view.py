@@ -39,24 +39,15 @@ def _resource_version(obj: Manifest | None) -> int | None:
         return None
 
 
-def is_stale(candidate: Manifest, known: Manifest | None) -> bool:
-    """The candidate is an older version of the same object than the one known: a watch event
-    delivered after the operator's own write returned a newer version. Resource versions are
-    compared as etcd's revisions; one that is not a number is never called stale."""
-    if not known or known["metadata"].get("uid") != candidate["metadata"].get("uid"):
-        return False
-    mine, theirs = _resource_version(candidate), _resource_version(known)
-    return mine is not None and theirs is not None and mine < theirs
-
-
 def is_new(candidate: Manifest, known: Manifest | None) -> bool:
-    """The candidate tells more than the version known: another object, or a later version
-    (not the same one, delivered by a watch after the operator's own write returned it)."""
-    if is_stale(candidate, known):
-        return False
-    return not (known and known["metadata"].get("uid") == candidate["metadata"].get("uid")
-                and _resource_version(candidate) is not None
-                and _resource_version(candidate) == _resource_version(known))
+    """The candidate tells more than the version known: another object, or a later version of
+    it. Not new: the same version (the watch echoing the operator's own write) or an older one
+    (delivered after that write returned a newer one). Resource versions are compared as etcd's
+    revisions; one that is not a number always counts as new."""
+    if not known or known["metadata"].get("uid") != candidate["metadata"].get("uid"):
+        return True
+    mine, theirs = _resource_version(candidate), _resource_version(known)
+    return mine is None or theirs is None or mine > theirs
 
 
 def _slim(obj: Manifest) -> Manifest:
