@@ -585,7 +585,7 @@ def measure_burst(cluster: Cluster, operator: Operator, count: int, timeout: flo
         cpu_before = cpu_seconds(operator.pid)
         components_before = cpu_snapshot(components)
         own_before = time.process_time()
-        started = time.monotonic()
+        started = timings["started"] = time.monotonic()
         timings["created"] = cluster.create_all(names, "burst")
         timings["create_seconds"] = time.monotonic() - started
         while len(watcher.seen) < count and time.monotonic() - started < timeout:
@@ -607,7 +607,7 @@ def measure_burst(cluster: Cluster, operator: Operator, count: int, timeout: flo
 
     window, _ = RequestWindow.measure(cluster.requests, burst)
     watcher.stop.set()
-    created = timings["created"]
+    created, started_at = timings["created"], timings["started"]
     latencies = [watcher.seen[n] - created[n] for n in names if n in watcher.seen]
     with_status = count_with_first_status(cluster, "burst")
     reporters = events_by_reporter(cluster)
@@ -619,6 +619,14 @@ def measure_burst(cluster: Cluster, operator: Operator, count: int, timeout: flo
     reads = window.sum((k for k in window.keys() if k[0] in READ_VERBS), baseline) / count
     ratio = timings["all_jobs_seconds"] / timings["create_seconds"]
     p99 = percentile(latencies, 0.99) if latencies else None
+    # Whether the lag grows through the burst (a queue: the operator falls behind) or is flat
+    # (each Job costs that long however early its FineTuneJob came): by tenths in create order.
+    in_order = sorted((created[n] - started_at, watcher.seen[n] - created[n])
+                      for n in names if n in watcher.seen)
+    tenth = max(1, len(in_order) // 10)
+    by_tenth = [{"created_at": round(chunk[-1][0], 2),
+                 "median_seconds": round(statistics.median(lag for _, lag in chunk), 3)}
+                for chunk in (in_order[i:i + tenth] for i in range(0, len(in_order), tenth))]
     return {
         "count": count,
         "create_seconds": round(timings["create_seconds"], 2),
@@ -632,6 +640,7 @@ def measure_burst(cluster: Cluster, operator: Operator, count: int, timeout: flo
             "p90": round(percentile(latencies, 0.90), 3) if latencies else None,
             "p99": round(p99, 3) if p99 is not None else None,
             "max": round(max(latencies), 3) if latencies else None},
+        "apply_to_job_by_create_order": by_tenth,
         "jobs_missing": count - len(latencies),
         "first_status_missing": count - with_status,
         "job_watch_streams": watcher.streams,
@@ -1072,6 +1081,9 @@ def summary_lines(result: dict) -> list[str]:
             f"({verdict(burst['pass']['writes_own_events_only'])}; events by reporter "
             f"{burst['events_by_reporter']}); reads {burst['reads_per_finetunejob']} "
             f"(all clients but the benchmark, less the idle baseline)")
+        lines.append("apply -> Job by create order (tenths; created at s: median lag s): "
+                     + ", ".join(f"{tenth['created_at']}: {tenth['median_seconds']}"
+                                 for tenth in burst["apply_to_job_by_create_order"]))
         busiest = sorted(burst["cpu_seconds_by_process"].items(), key=lambda kv: -kv[1])
         lines.append(
             f"CPU seconds during the burst ({burst['all_first_status_seconds']} s on "
