@@ -71,10 +71,11 @@ def rendezvous_service_name(finetunejob_name: str) -> str:
 
 RENDEZVOUS_PORT = 29500
 DEFAULT_METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
 
 
-def metrics_network_policy_name(finetunejob_name: str) -> str:
-    return _fit(finetunejob_name, 253, "-metrics")
+# One per namespace, shared by its jobs' trainer pods (build_trainer_network_policy).
+TRAINER_NETWORK_POLICY_NAME = "finetune-trainers"
 
 
 def peers_network_policy_name(finetunejob_name: str) -> str:
@@ -112,30 +113,45 @@ def build_rendezvous_service(finetunejob: Manifest) -> Manifest | None:
     }
 
 
-def build_network_policies(finetunejob: Manifest, config: OperatorConfig) -> list[Manifest]:
-    """Ingress rules of the job's trainer pods (none when the operator's network policies are
-    off). Once a policy selects them, a pod is closed to all ingress the policies do not admit:
-    its metrics port is open only to the operator's namespace and the configured ones
-    (Prometheus); with several workers its pods are open to each other."""
+def build_trainer_network_policy(namespace: str, config: OperatorConfig) -> Manifest | None:
+    """The ingress rule of every trainer pod in a namespace (None when the operator's network
+    policies are off). Once a policy selects them, a pod is closed to all ingress the policies
+    do not admit: its metrics port (by name: each job chooses the number) is open only to the
+    operator's namespace and the configured ones (Prometheus).
+
+    One per namespace, owned by no FineTuneJob: a job's create costs no policy write (it cost a
+    third of the API server's work per create in a burst), and it outlives the jobs, selecting
+    only trainer pods. It goes with the namespace, or by its managed-by label."""
     if not config.network_policies:
-        return []
-    meta = finetunejob["metadata"]
-    spec = finetunejob["spec"]
-    trainer_pods = {"matchLabels": selector_labels(meta["name"])}
+        return None
     namespaces = sorted({config.pod_namespace, *config.metrics_from_namespaces})
-    metrics_port = (spec.get("metrics") or {}).get("port", DEFAULT_METRICS_PORT)
-    rules = {metrics_network_policy_name(meta["name"]): {
-        "from": [{"namespaceSelector": {"matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]}}],
-        "ports": [{"protocol": "TCP", "port": metrics_port}]}}
-    if worker_count(spec) > 1:
-        # Every port, not only the rendezvous: gloo and NCCL connect the ranks on ephemeral
-        # ports that cannot be pinned.
-        rules[peers_network_policy_name(meta["name"])] = {"from": [{"podSelector": trainer_pods}]}
-    return [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-             "metadata": owned_child_metadata(finetunejob, name),
-             "spec": {"podSelector": trainer_pods, "policyTypes": ["Ingress"], "ingress": [rule]}}
-            for name, rule in rules.items()]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": TRAINER_NETWORK_POLICY_NAME, "namespace": namespace,
+                         "labels": {contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
+                                    contract.LABEL_COMPONENT: contract.COMPONENT_TRAINER}},
+            "spec": {"podSelector": {"matchLabels": {
+                         contract.LABEL_COMPONENT: contract.COMPONENT_TRAINER,
+                         contract.LABEL_MANAGED_BY: contract.MANAGED_BY}},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                         {"key": "kubernetes.io/metadata.name", "operator": "In",
+                          "values": namespaces}]}}],
+                         "ports": [{"protocol": "TCP", "port": METRICS_PORT_NAME}]}]}}
+
+
+def build_peers_network_policy(finetunejob: Manifest, config: OperatorConfig
+                               ) -> Manifest | None:
+    """With several workers, the job's pods open to each other on every port (gloo and NCCL
+    connect the ranks on ephemeral ports that cannot be pinned); None with one, or when the
+    operator's network policies are off. Owned by the FineTuneJob."""
+    meta = finetunejob["metadata"]
+    if not config.network_policies or worker_count(finetunejob["spec"]) <= 1:
+        return None
+    trainer_pods = {"matchLabels": selector_labels(meta["name"])}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": owned_child_metadata(finetunejob, peers_network_policy_name(meta["name"])),
+            "spec": {"podSelector": trainer_pods, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": trainer_pods}]}]}}
 
 
 def label_value(finetunejob_name: str) -> str:
@@ -290,7 +306,7 @@ def build_trainer_job(finetunejob: Manifest, config: OperatorConfig) -> Manifest
         "command": ["python", "-m", "finetune_trainer", "--spec",
                     f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"],
         "env": _env(spec, config),
-        "ports": [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": metrics_port, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": "spec", "mountPath": contract.SPEC_MOUNT_DIR, "readOnly": True},
             {"name": "scratch", "mountPath": SCRATCH_DIR},

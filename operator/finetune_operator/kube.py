@@ -186,6 +186,37 @@ class Kube:
             raise NotOurs(existing)
         return existing, False
 
+    def ensure_network_policy(self, policy: Manifest) -> bool:
+        """A policy shared by no owner (one per namespace) exists as built: read, then created
+        or its spec patched where it differs. NotOurs when one of that name exists without the
+        operator's managed-by label. Returns whether it wrote."""
+        self.fence()
+        meta = policy["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        read = lambda: self._get(self.networking.read_namespaced_network_policy, name,  # noqa: E731
+                                 namespace)
+        existing = read()
+        if existing is None:
+            try:
+                self._call(self.networking.create_namespaced_network_policy, namespace, policy,
+                           field_manager=self.field_manager)
+                return True
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+            existing = read()  # another replica, or a worker of an older one, made it
+            if existing is None:
+                raise ApiException(status=409, reason=f"NetworkPolicy {name} is being deleted")
+        labels = existing["metadata"].get("labels") or {}
+        if any(labels.get(key) != value for key, value in meta["labels"].items()):
+            raise NotOurs(existing)
+        if existing.get("spec") == policy["spec"]:
+            return False
+        self._call(self.networking.patch_namespaced_network_policy, name, namespace,
+                   {"spec": policy["spec"]}, field_manager=self.field_manager,
+                   _content_type=MERGE_PATCH)
+        return True
+
     # Leases (leader election)
     def get_lease(self, namespace: str, name: str,
                   timeout: float = REQUEST_TIMEOUT_SECONDS) -> Manifest | None:

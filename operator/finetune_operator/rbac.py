@@ -29,9 +29,10 @@ CLUSTER_RULES: list[PolicyRule] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     # Headless Service for the rendezvous of multi-worker jobs (spec.resources.workers > 1).
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
-    # The ingress rules of each job's trainer pods (FINETUNE_NETWORK_POLICIES).
+    # The ingress rules of trainer pods (FINETUNE_NETWORK_POLICIES): one per namespace, kept
+    # as built (patch), and one per multi-worker job.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-     "verbs": ["get", "create"]},
+     "verbs": ["get", "create", "patch"]},
     # Phase transitions as Events on the FineTuneJob; the Job controller's FailedCreate Events
     # read to say why a Job has no pods.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -43,6 +44,7 @@ FAILED_CREATE_POLL_SECONDS = 5
 FAILED_CREATE_MAX_AGE_SECONDS = 600
 # A Job younger than this has not had its pods created yet, whatever the reason.
 POD_CREATION_GRACE_SECONDS = 2
+TRAINER_POLICY_RECHECK_SECONDS = 300
 
 
 class RetryLater(Exception):
@@ -88,6 +90,11 @@ class Reconciler:
         self.view = view
         # Other FineTuneJobs wait for their trainer Jobs (WorkQueue.creations_waiting).
         self.creations_waiting = creations_waiting
+        # namespace -> when its trainer NetworkPolicy was last seen as built (monotonic), and a
+        # lock per namespace: in a burst, one worker makes it while the others wait for it.
+        self._trainer_policies: dict[str, float] = {}
+        self._policy_locks: dict[str, threading.Lock] = {}
+        self._policy_locks_lock = threading.Lock()
 
     def sync(self, namespace: str, name: str) -> float | None:
         """Reconcile one FineTuneJob; returns in how many seconds it must be looked at again
@@ -185,11 +192,34 @@ class Reconciler:
                 job = None
         return job
 
+    def _ensure_trainer_policy(self, namespace: str) -> None:
+        """The namespace's trainer NetworkPolicy exists as built; asked of the API at most once
+        per TRAINER_POLICY_RECHECK_SECONDS (it is changed by hand, or the operator's
+        configuration changed, rarely; a Job is created often)."""
+        policy = builders.build_trainer_network_policy(namespace, self.config)
+        if policy is None:
+            return
+        with self._policy_locks_lock:
+            lock = self._policy_locks.setdefault(namespace, threading.Lock())
+        with lock:
+            checked = self._trainer_policies.get(namespace)
+            if checked is not None and \
+                    time.monotonic() - checked < TRAINER_POLICY_RECHECK_SECONDS:
+                return
+            try:
+                if self.kube.ensure_network_policy(policy):
+                    log.info("wrote NetworkPolicy %s/%s", namespace, policy["metadata"]["name"])
+            except ApiException as error:
+                error.kind = "NetworkPolicy"  # for the failure's message
+                raise
+            self._trainer_policies[namespace] = time.monotonic()
+
     def _create_children(self, finetunejob: Manifest) -> Manifest:
         meta = finetunejob["metadata"]
+        # Before the Job: its pods never run unprotected where a CNI enforces the policies.
+        self._ensure_trainer_policy(meta["namespace"])
         children = [builders.build_rendezvous_service(finetunejob),
-                    # Before the Job: its pods never run unprotected where a CNI enforces them.
-                    *builders.build_network_policies(finetunejob, self.config),
+                    builders.build_peers_network_policy(finetunejob, self.config),
                     builders.build_trainer_job(finetunejob, self.config)]
         job: Manifest = {}
         for child in filter(None, children):

@@ -315,59 +315,64 @@ def test_several_workers_build_an_indexed_job_and_a_headless_service():
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "4"  # per worker
 
 
-def test_every_job_gets_a_policy_opening_the_metrics_port_to_named_namespaces_only():
-    ftj = finetunejob(metrics={"port": 9555})
+def test_a_namespace_gets_one_policy_opening_every_trainers_metrics_port_to_named_namespaces():
     config = OperatorConfig(pod_namespace="finetune-system",
                             metrics_from_namespaces=("monitoring", "finetune-system"))
-    policy, = builders.build_network_policies(ftj, config)
-    job = builders.build_trainer_job(ftj, config)
-    assert policy["metadata"]["name"] == "flowers-metrics"
+    policy = builders.build_trainer_network_policy("team-a", config)
+    assert policy["metadata"]["name"] == builders.TRAINER_NETWORK_POLICY_NAME
     assert policy["metadata"]["namespace"] == "team-a"
-    assert policy["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
-    # It selects exactly the job's trainer pods.
-    assert policy["spec"]["podSelector"] == {"matchLabels": builders.selector_labels("flowers")}
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
-        job["spec"]["template"]["metadata"]["labels"].items()
+    # Shared by the namespace's jobs: owned by none of them; found again by its label.
+    assert "ownerReferences" not in policy["metadata"]
+    assert policy["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+    # It selects every trainer pod, of jobs with any metrics port: the port goes by its name.
+    for metrics in ({}, {"port": 9555}):
+        job = builders.build_trainer_job(finetunejob(metrics=metrics), config)
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
+            job["spec"]["template"]["metadata"]["labels"].items()
+        port, = container(job)["ports"]
+        assert port["name"] == policy["spec"]["ingress"][0]["ports"][0]["port"] == "metrics"
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rule, = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 9555}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     assert rule["from"] == [{"namespaceSelector": {"matchExpressions": [
         {"key": "kubernetes.io/metadata.name", "operator": "In",
          "values": ["finetune-system", "monitoring"]}]}}]
     # The operator reads the trainers' progress from its own namespace, named or not.
-    alone, = builders.build_network_policies(ftj, OperatorConfig(pod_namespace="ops"))
+    alone = builders.build_trainer_network_policy("team-a", OperatorConfig(pod_namespace="ops"))
     assert alone["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0][
         "values"] == ["ops"]
 
 
 def test_a_multi_worker_job_gets_a_policy_opening_its_pods_to_each_other_only():
     ftj = finetunejob(resources={"gpus": 1, "workers": 2})
-    metrics, peers = builders.build_network_policies(ftj, CONFIG)
-    assert metrics["metadata"]["name"] == "flowers-metrics"
+    job = builders.build_trainer_job(ftj, CONFIG)
+    peers = builders.build_peers_network_policy(ftj, CONFIG)
     assert peers["metadata"]["name"] == "flowers-peers"
+    assert peers["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
     trainer_pods = {"matchLabels": builders.selector_labels("flowers")}
     assert peers["spec"]["podSelector"] == trainer_pods
     # From the job's own pods (in its namespace) on every port: the rendezvous, and the ephemeral
     # ports gloo and NCCL connect the ranks on.
     assert peers["spec"]["ingress"] == [{"from": [{"podSelector": trainer_pods}]}]
     assert peers["spec"]["policyTypes"] == ["Ingress"]
+    assert builders.build_peers_network_policy(finetunejob(), CONFIG) is None  # one worker
 
 
 def test_network_policies_can_be_turned_off_and_have_deterministic_names():
     ftj = finetunejob(resources={"gpus": 1, "workers": 2})
-    assert builders.build_network_policies(ftj, OperatorConfig(network_policies=False)) == []
-    assert builders.build_network_policies(ftj, CONFIG) == \
-        builders.build_network_policies(ftj, CONFIG)
-    long_name = "a" * 250
-    for name in (builders.metrics_network_policy_name(long_name),
-                 builders.peers_network_policy_name(long_name)):
-        assert len(name) <= 253
+    off = OperatorConfig(network_policies=False)
+    assert builders.build_trainer_network_policy("team-a", off) is None
+    assert builders.build_peers_network_policy(ftj, off) is None
+    assert builders.build_peers_network_policy(ftj, CONFIG) == \
+        builders.build_peers_network_policy(ftj, CONFIG)
+    assert len(builders.peers_network_policy_name("a" * 250)) <= 253
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_network_policies_use_only_real_networking_v1_fields(workers):
     client = kubernetes.client.ApiClient()
-    for policy in builders.build_network_policies(
-            finetunejob(resources={"gpus": 1, "workers": workers}), CONFIG):
+    ftj = finetunejob(resources={"gpus": 1, "workers": workers})
+    for policy in filter(None, [builders.build_trainer_network_policy("team-a", CONFIG),
+                                builders.build_peers_network_policy(ftj, CONFIG)]):
         model = client._ApiClient__deserialize(json.loads(json.dumps(policy)), "V1NetworkPolicy")
         assert client.sanitize_for_serialization(model) == policy

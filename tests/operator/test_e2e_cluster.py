@@ -385,12 +385,15 @@ def test_deletion_removes_job_pods_and_policies_even_with_the_operator_down(
     # More epochs than the test waits for: it is deleted while running.
     apply(kubectl, finetunejob("doomed", namespace, datasets["fashion-mnist"], epochs=10000))
     wait_phase(kubectl, namespace, "doomed", "Running", timeout=120)
-    assert objects(kubectl, "pods", namespace) and objects(kubectl, "networkpolicies", namespace)
+    assert objects(kubectl, "pods", namespace)
+    shared, = objects(kubectl, "networkpolicies", namespace)  # the namespace's, owned by none
+    assert not shared["metadata"].get("ownerReferences")
     ftj_operator.stop(force=True)
     kubectl("delete", "ftj", "doomed", "-n", namespace, "--timeout=20s")
-    wait_for(lambda: not (objects(kubectl, "jobs", namespace) or objects(kubectl, "pods", namespace)
-                          or objects(kubectl, "networkpolicies", namespace)),
-             timeout=120, message="the Job, its pods and its NetworkPolicy to be garbage-collected")
+    wait_for(lambda: not (objects(kubectl, "jobs", namespace) or objects(kubectl, "pods", namespace)),
+             timeout=120, message="the Job and its pods to be garbage-collected")
+    assert [p["metadata"]["uid"] for p in objects(kubectl, "networkpolicies", namespace)] == \
+        [shared["metadata"]["uid"]]
 
 
 def test_ttl_deletes_a_finished_job_once_and_never_recreates_it(
@@ -615,27 +618,39 @@ def test_network_policies_are_accepted_and_select_exactly_each_jobs_pods(
 
     policies = {p["metadata"]["name"]: p for p in objects(
         kubectl, "networkpolicies", namespace, "app.kubernetes.io/managed-by=finetune-operator")}
-    assert set(policies) == {"solo-metrics", "pair-metrics", "pair-peers"}
-    for policy_name, policy in policies.items():
-        owner = policy_name.rsplit("-", 1)[0]
-        assert policy["metadata"]["ownerReferences"][0]["name"] == owner
-        assert policy["metadata"]["ownerReferences"][0]["uid"] == \
-            ftj(kubectl, namespace, owner)["metadata"]["uid"]
-        # The API server lists exactly the job's pods for the policy's selector.
+    assert set(policies) == {"finetune-trainers", "pair-peers"}
+
+    def selected(policy):
+        """The pods the API server lists for the policy's selector."""
         selector = ",".join(f"{k}={v}" for k, v in
                             policy["spec"]["podSelector"]["matchLabels"].items())
-        selected = {p["metadata"]["name"] for p in objects(kubectl, "pods", namespace, selector)}
-        assert selected == {p["metadata"]["name"] for p in trainer_pods(kubectl, namespace, owner)}
-    metrics_rule, = policies["solo-metrics"]["spec"]["ingress"]
-    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": 9400}]
+        return {p["metadata"]["name"] for p in objects(kubectl, "pods", namespace, selector)}
+
+    # One policy for the namespace's trainer pods: every job's, owned by none of them.
+    shared = policies["finetune-trainers"]
+    assert not shared["metadata"].get("ownerReferences")
+    every_trainer = trainer_pods(kubectl, namespace, "solo") + \
+        trainer_pods(kubectl, namespace, "pair")
+    assert selected(shared) == {p["metadata"]["name"] for p in every_trainer}
+    metrics_rule, = shared["spec"]["ingress"]
+    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    for pod in every_trainer:  # the port it names, on every trainer pod
+        assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in \
+            pod["spec"]["containers"][0]["ports"]
     assert metrics_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == \
         sorted([namespace, "monitoring"])
-    peers_rule, = policies["pair-peers"]["spec"]["ingress"]
-    assert peers_rule == {"from": [{"podSelector": policies["pair-peers"]["spec"]["podSelector"]}]}
+    # The multi-worker job's pods open to each other: its own policy, collected with it.
+    peers = policies["pair-peers"]
+    assert peers["metadata"]["ownerReferences"][0]["uid"] == \
+        ftj(kubectl, namespace, "pair")["metadata"]["uid"]
+    assert selected(peers) == {p["metadata"]["name"] for p in trainer_pods(kubectl, namespace,
+                                                                             "pair")}
+    peers_rule, = peers["spec"]["ingress"]
+    assert peers_rule == {"from": [{"podSelector": peers["spec"]["podSelector"]}]}
     kubectl("delete", "ftj", "pair", "-n", namespace, "--wait=true")
     wait_for(lambda: {p["metadata"]["name"] for p in objects(
         kubectl, "networkpolicies", namespace, "app.kubernetes.io/managed-by=finetune-operator")}
-        == {"solo-metrics"}, timeout=60, message="the deleted job's policies collected")
+        == {"finetune-trainers"}, timeout=60, message="the deleted job's policy collected")
 
 
 # --- API errors on children (issue 12) --------------------------------------------------------

@@ -55,6 +55,21 @@ class FakeKube:
         self.children[key] = created
         return self._bump(created), True
 
+    def ensure_network_policy(self, policy):
+        self.calls.append(("get", "NetworkPolicy"))
+        if "NetworkPolicy" in self.refuse:
+            raise self.refuse["NetworkPolicy"]
+        key = ("NetworkPolicy", policy["metadata"]["name"])
+        existing = self.children.get(key)
+        if existing is not None:
+            if existing["metadata"].get("labels") != policy["metadata"]["labels"]:
+                raise NotOurs(existing)
+            if existing["spec"] == policy["spec"]:
+                return False
+        self.calls.append(("create" if existing is None else "patch", "NetworkPolicy"))
+        self.children[key] = copy.deepcopy(policy)
+        return True
+
     def get_job(self, namespace, name):
         self.calls.append(("get", "Job"))
         job = self.children.get(("Job", name))
@@ -108,13 +123,56 @@ def test_a_new_job_costs_its_children_and_one_status_patch_and_nothing_after():
     reconciler.sync("team-a", "flowers")
     assert writes(kube) == [("create", "NetworkPolicy"), ("create", "Job"),
                             ("patch", "FineTuneJob/status")]
-    assert [c for c in kube.calls if c[0] == "get"] == []
+    # The namespace's trainer policy was read once (it did not exist); the job's own reads none.
+    assert [c for c in kube.calls if c[0] == "get"] == [("get", "NetworkPolicy")]
     assert kube.finetunejob["status"]["phase"] == "Suspended"
     assert kube.finetunejob["status"]["jobName"] == "flowers-trainer"
     kube.calls.clear()
     deliver(kube, view)
     assert reconciler.sync("team-a", "flowers") is None
     assert kube.calls == []  # the watch events of its own writes change nothing
+
+
+def test_the_namespaces_trainer_policy_is_made_once_and_checked_again_only_after_a_while(
+        monkeypatch):
+    reconciler, kube, view = setup(finetunejob(suspend=True))
+    reconciler.sync("team-a", "flowers")
+    second = finetunejob(name="tulips", suspend=True)
+    second["metadata"]["uid"] = "uid-tulips"
+    view.put_finetunejob(second)
+    kube.finetunejob, kube.calls = copy.deepcopy(second), []
+    reconciler.sync("team-a", "tulips")
+    # The second job of the namespace costs its Job and its status, nothing for the policy.
+    assert kube.calls == [("create", "Job"), ("patch", "FineTuneJob/status")]
+    policy, = [c for (kind, _), c in kube.children.items() if kind == "NetworkPolicy"]
+    assert "ownerReferences" not in policy["metadata"]
+    # Edited by hand: put back as built when next checked (after the recheck interval).
+    policy["spec"]["ingress"] = []
+    monkeypatch.setattr(reconciler_module, "TRAINER_POLICY_RECHECK_SECONDS", 0)
+    third = finetunejob(name="roses", suspend=True)
+    third["metadata"]["uid"] = "uid-roses"
+    view.put_finetunejob(third)
+    kube.finetunejob, kube.calls = copy.deepcopy(third), []
+    reconciler.sync("team-a", "roses")
+    assert writes(kube) == [("patch", "NetworkPolicy"), ("create", "Job"),
+                            ("patch", "FineTuneJob/status")]
+    assert policy is not kube.children[("NetworkPolicy", builders.TRAINER_NETWORK_POLICY_NAME)]
+    assert kube.children[("NetworkPolicy", builders.TRAINER_NETWORK_POLICY_NAME)] == \
+        builders.build_trainer_network_policy("team-a", CONFIG)
+
+
+def test_a_policy_of_that_name_not_made_by_the_operator_fails_the_job_and_no_job_is_made():
+    reconciler, kube, view = setup(finetunejob())
+    kube.children[("NetworkPolicy", builders.TRAINER_NETWORK_POLICY_NAME)] = {
+        "kind": "NetworkPolicy", "metadata": {"name": builders.TRAINER_NETWORK_POLICY_NAME,
+                                              "labels": {"team": "a"}}, "spec": {}}
+    reconciler.sync("team-a", "flowers")
+    assert writes(kube) == [("patch", "FineTuneJob/status"), ("create", "Event/Failed")]
+    status = kube.finetunejob["status"]
+    assert status["phase"] == "Failed" and status["failure"]["reason"] == "NameConflict"
+    assert status["failure"]["message"] == (
+        f"NetworkPolicy {builders.TRAINER_NETWORK_POLICY_NAME} already exists and is owned by "
+        "nobody")
 
 
 def test_in_a_burst_the_status_waits_until_the_other_jobs_have_their_children():

@@ -187,6 +187,7 @@ def test_install_grants_least_privilege_upgrades_and_uninstalls_cleanly(kube, he
                            ("patch", "finetunejobs.finetune.dev/status"),
                            ("create", "jobs.batch"), ("list", "pods"),
                            ("create", "networkpolicies.networking.k8s.io"),
+                           ("patch", "networkpolicies.networking.k8s.io"),
                            ("update", "finetunejobs.finetune.dev/finalizers"),
                            ("create", "events"), ("list", "events")]:
         assert can_i(kube, sa, verb, resource, team), f"cannot {verb} {resource}"
