@@ -477,6 +477,9 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # No cloud: nothing programs routes; the pod network is one bridge.
             "--configure-cloud-routes=false",
+            # A quota on a resource whose CRD came after the quota controller's start (the tests
+            # install it) is counted only at the controller's next full pass: 5 min by default.
+            "--resource-quota-sync-period=15s",
             "--v=1",
         ])
         sched = str(kubeconfigs["scheduler"])
