@@ -75,11 +75,18 @@ def api_message(error: ApiException) -> str:
         return str(error.reason)
 
 
+# 403s that clear by themselves: a quota other jobs use up, or one the quota controller has not
+# counted yet; the OwnerReferencesPermissionEnforcement admission plugin before the API server's
+# resource mapping knows a CRD installed moments ago (it refreshes every 30 s): the operator's
+# first Job after installing the chart and the CRD together.
+TRANSIENT_FORBIDDEN = ("exceeded quota", "status unknown for quota", "cannot find RESTMapping")
+
+
 def is_permanent(error: ApiException) -> bool:
     if error.status not in PERMANENT_CREATE_ERRORS:
         return False
-    # An exceeded quota is a 403 that clears when other jobs finish.
-    return "exceeded quota" not in api_message(error)
+    message = api_message(error)
+    return error.status != 403 or not any(part in message for part in TRANSIENT_FORBIDDEN)
 
 
 class Reconciler:
@@ -353,7 +360,9 @@ class Reconciler:
             written = self.kube.patch_finetunejob_status(namespace, name, update.patch)
             self.view.put_finetunejob(written)
         if update.transitioned:
-            log.info("%s/%s: %s -> %s", namespace, name, update.old_phase, update.new_phase)
+            failure = update.patch.get("failure") or {}
+            log.info("%s/%s: %s -> %s%s", namespace, name, update.old_phase, update.new_phase,
+                     f" ({failure.get('reason')}: {failure.get('message')})" if failure else "")
             if update.new_phase == RUNNING and not (finetunejob.get("status") or {}).get(
                     "startTime"):
                 created_at = parse_time(meta.get("creationTimestamp"))

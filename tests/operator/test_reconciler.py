@@ -230,14 +230,23 @@ def test_a_child_the_api_refuses_for_good_fails_the_job_with_the_apis_message(st
     assert "spec.template.spec.tolerations[0].operator" in status_written["failure"]["message"]
 
 
-def test_an_exceeded_quota_on_the_job_itself_is_retried_not_failed():
+@pytest.mark.parametrize("message", [
+    'jobs.batch "x" is forbidden: exceeded quota: q, requested: count/jobs.batch=1',
+    'jobs.batch "x" is forbidden: status unknown for quota: q, resources: count/jobs.batch',
+    # The API server's resource mapping does not know the CRD yet (installed moments ago).
+    'jobs.batch "x" is forbidden: cannot set blockOwnerDeletion in this case because cannot find '
+    'RESTMapping for APIVersion finetune.dev/v1alpha1 Kind FineTuneJob: no matches for kind '
+    '"FineTuneJob" in version "finetune.dev/v1alpha1"'])
+def test_a_403_that_clears_by_itself_on_the_job_is_retried_not_failed(message):
     reconciler, kube, view = setup(finetunejob())
     kube.refuse["Job"] = ApiException(status=403, reason="Forbidden")
-    kube.refuse["Job"].body = json.dumps({"message": 'jobs.batch "x" is forbidden: exceeded '
-                                                    'quota: q, requested: count/jobs.batch=1'})
+    kube.refuse["Job"].body = json.dumps({"message": message})
     with pytest.raises(ApiException):
         reconciler.sync("team-a", "flowers")
     assert "phase" not in kube.finetunejob["status"]
+    del kube.refuse["Job"]
+    reconciler.sync("team-a", "flowers")  # the retry
+    assert kube.finetunejob["status"]["jobName"] == "flowers-trainer"
 
 
 def test_a_job_that_cannot_make_its_pods_is_queued_with_the_job_controllers_message(
